@@ -1,0 +1,1 @@
+"""Persisted state machines for Sefaria's CRM integration."""

@@ -1,0 +1,115 @@
+"""HTTP plumbing shared by the CRM clients: timeouts, bounded retries with full jitter, redaction.
+
+Clients pass a ``requests.Session``; tests give them one pointed at a loopback fake, never a patched
+``requests``. Nothing here knows a CRM: each client supplies ``classify`` to say what a response means.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import requests
+
+from .errors import CrmError, CrmTransientError
+
+log = logging.getLogger("crm_states.crm")
+
+
+@attrs.frozen
+class RetryPolicy:
+    """How hard to try. ``attempts`` counts the first try; delays are full-jitter exponential."""
+
+    attempts: int = 4
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return (self.connect_timeout, self.read_timeout)
+
+    def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
+        """Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2**n)]."""
+        cap = min(self.max_delay, self.base_delay * (2**retry_number))
+        return (rng or random).uniform(0.0, cap)
+
+
+#: A classifier maps a response to None (success: return it) or to the ``CrmError`` to raise/retry.
+Classifier = Callable[[requests.Response], CrmError | None]
+
+
+def send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    classify: Classifier,
+    policy: RetryPolicy,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+    **kwargs: Any,
+) -> requests.Response:
+    """Send one request with a timeout, retrying transient failures a bounded number of times.
+
+    Retries connection errors, timeouts and whatever ``classify`` calls ``CrmTransientError`` (waiting
+    its ``retry_after`` when the server gave one, e.g. a 429's Retry-After); any other ``CrmError`` is
+    raised at once. The last transient error is raised when attempts run out.
+    """
+    kwargs.setdefault("timeout", policy.timeout)
+    last: CrmError | None = None
+    for attempt in range(policy.attempts):
+        if attempt:
+            wait = getattr(last, "retry_after", None)
+            if wait is None:
+                wait = policy.delay(attempt - 1, rng)
+            log.info("crm retry %s %s in %.2fs after: %s", method, redact_url(url), wait, last)
+            sleep(wait)
+        try:
+            response = session.request(method, url, **kwargs)
+        except requests.Timeout as exc:
+            last = CrmTransientError(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}")
+            continue
+        except requests.ConnectionError as exc:
+            last = CrmTransientError(f"connection failed on {method} {redact_url(url)}: {type(exc).__name__}")
+            continue
+        except requests.RequestException as exc:
+            raise CrmError(f"request failed on {method} {redact_url(url)}: {type(exc).__name__}") from None
+        error = classify(response)
+        if error is None:
+            return response
+        if not isinstance(error, CrmTransientError):
+            raise error
+        last = error
+    assert last is not None
+    raise last
+
+
+_SECRET_QUERY = re.compile(r"(?i)(access_token|token|client_secret|password|sig|signature)=[^&#\s]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._!\-+/=]+")
+
+
+def redact_url(url: str) -> str:
+    """The URL with secret-bearing query parameters blanked, for logs and error messages."""
+    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}=***", url)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with bearer tokens, secret query parameters and each given secret replaced by ***."""
+    text = _BEARER.sub(lambda m: f"{m.group(1)}***", redact_url(text))
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def short(text: str, limit: int = 300) -> str:
+    """Trim a response body or message to something fit for a log line or a Mongo detail."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,337 @@
+"""All MongoDB persistence, in one place: profiles' current states, the transition history, the
+compare-and-set that moves a profile, roll-forward after a crash, and applying journaled writes.
+
+Layout (Sefaria's ``profiles`` collection, extended):
+
+- ``profiles``: ``{id, nationbuilder_id, sf_app_user_id, email?, first_name?, last_name?, CrmLog: [str],
+  crm_state: {<machine>: {state, run_id, seq, at, detail}}}``
+- ``crm_transitions``: one document per transition,
+  ``{profile_id, machine, run_id, seq, source, dest, trigger, at, detail, write?, by}``.
+
+``seq`` numbers every transition of a profile in a machine across runs, and is unique per
+(profile_id, machine): inserting transition ``seq = n + 1`` claims the right to move a profile that
+stands at ``n``. The transition document is the commit record; the profile update (guarded by the old
+``seq``) follows. A crash between the two leaves a document the profile did not follow; ``settle``
+finds and applies it, exactly once, and removes documents that do not chain onto the profile's state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+from bson import ObjectId
+from pymongo import ASCENDING, UpdateOne
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+
+from .records import START, Position, ProfileWrite, Transition
+
+log = logging.getLogger("crm_states.store")
+
+PROFILES = "profiles"
+TRANSITIONS = "crm_transitions"
+DUPLICATE_KEY = 11000
+
+
+class StoreError(Exception):
+    """Base of what the store raises or reports."""
+
+
+class StoreUnavailable(StoreError):
+    """MongoDB did not take the write (connection lost, timeout, server error)."""
+
+
+class ConcurrentTransition(StoreError):
+    """Another writer moved the profile first. ``position`` is where the profile stands now."""
+
+    def __init__(self, message: str, position: Position, by: str = "") -> None:
+        super().__init__(message)
+        self.position = position
+        self.by = by
+
+
+class ProfileNotFound(StoreError):
+    """No profile has that ``id``."""
+
+
+@attrs.frozen
+class Step:
+    """What one profile commits at once: consecutive transitions from ``expected`` (persisted)."""
+
+    profile_id: int
+    machine: str
+    expected: Position
+    transitions: tuple[Transition, ...]
+
+    @property
+    def last(self) -> Transition:
+        return self.transitions[-1]
+
+
+def state_field(machine: str) -> str:
+    return f"crm_state.{machine}"
+
+
+def position_of(profile: Mapping[str, Any] | None, machine: str) -> Position:
+    """A profile document's position in ``machine`` (the empty position when it never started)."""
+    cur = ((profile or {}).get("crm_state") or {}).get(machine)
+    if not cur:
+        return Position()
+    return Position(state=cur.get("state"), run_id=cur.get("run_id"), seq=int(cur.get("seq", 0)),
+                    detail=dict(cur.get("detail") or {}))
+
+
+def _cas_filter(profile_id: int, machine: str, expected: Position) -> dict[str, Any]:
+    if expected.seq == 0:
+        return {"id": profile_id, state_field(machine): {"$exists": False}}
+    return {"id": profile_id, f"{state_field(machine)}.seq": expected.seq}
+
+
+def _profile_update(machine: str, transitions: Sequence[Transition]) -> dict[str, Any]:
+    last = transitions[-1]
+    sets: dict[str, Any] = {
+        state_field(machine): {"state": last.dest, "run_id": last.run_id, "seq": last.seq, "at": last.at,
+                               "detail": dict(last.detail)},
+    }
+    lines: list[str] = []
+    for t in transitions:
+        if t.write is not None:
+            sets.update(t.write.set)
+            if t.write.crm_log:
+                lines.append(t.write.crm_log)
+    update: dict[str, Any] = {"$set": sets}
+    if lines:
+        update["$addToSet"] = {"CrmLog": {"$each": lines}}
+    return update
+
+
+def _chains(position: Position, transitions: Sequence[Transition]) -> bool:
+    """True when the transitions continue the profile from ``position`` without a gap or a jump."""
+    state, run_id, seq = position.state, position.run_id, position.seq
+    for t in transitions:
+        if t.seq != seq + 1:
+            return False
+        if t.source != START and (t.source != state or t.run_id != run_id):
+            return False
+        state, run_id, seq = t.dest, t.run_id, t.seq
+    return True
+
+
+class Store:
+    """MongoDB persistence for any machine. Knows no diagram and no CRM."""
+
+    def __init__(self, db: Database, *, profiles: str = PROFILES, transitions: str = TRANSITIONS) -> None:
+        self.db = db
+        self.profiles: Collection = db[profiles]
+        self.transitions: Collection = db[transitions]
+
+    # --- set-up -------------------------------------------------------------------------------
+    def ensure_indexes(self, machines: Iterable[str] = ()) -> None:
+        """Indexes for the compare-and-set, the history and "profiles of machine M in state S"."""
+        _ensure_index(self.profiles, [("id", ASCENDING)])
+        _ensure_index(self.transitions, [("profile_id", ASCENDING), ("machine", ASCENDING), ("seq", ASCENDING)],
+                      unique=True, name="crm_slot")
+        _ensure_index(self.transitions, [("profile_id", ASCENDING), ("machine", ASCENDING), ("run_id", ASCENDING),
+                                         ("seq", ASCENDING)], unique=True, name="crm_run_seq")
+        for machine in machines:
+            _ensure_index(self.profiles, [(f"{state_field(machine)}.state", ASCENDING),
+                                          (f"{state_field(machine)}.at", ASCENDING)])
+
+    # --- reads --------------------------------------------------------------------------------
+    def get_profile(self, profile_id: int) -> dict[str, Any] | None:
+        return self.profiles.find_one({"id": profile_id})
+
+    def require_profile(self, profile_id: int) -> dict[str, Any]:
+        try:
+            profile = self.get_profile(profile_id)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"reading profile {profile_id}: {type(exc).__name__}: {exc}") from exc
+        if profile is None:
+            raise ProfileNotFound(f"no profile with id {profile_id!r} in '{self.profiles.name}'")
+        return profile
+
+    def profiles_in_state(self, machine: str, state: str, *, limit: int = 0,
+                          projection: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Profiles of ``machine`` now in ``state``, oldest first (an indexed query)."""
+        cursor = self.profiles.find({f"{state_field(machine)}.state": state}, projection)
+        return iter(cursor.sort(f"{state_field(machine)}.at", ASCENDING).limit(limit))
+
+    def count_by_state(self, machine: str) -> dict[str, int]:
+        field = f"${state_field(machine)}.state"
+        pipeline = [{"$match": {f"{state_field(machine)}.state": {"$exists": True}}},
+                    {"$group": {"_id": field, "n": {"$sum": 1}}}]
+        return {row["_id"]: row["n"] for row in self.profiles.aggregate(pipeline)}
+
+    def history(self, profile_id: int, machine: str) -> list[Transition]:
+        docs = self.transitions.find({"profile_id": profile_id, "machine": machine}).sort("seq", ASCENDING)
+        return [Transition.from_doc(d) for d in docs]
+
+    # --- the compare-and-set ------------------------------------------------------------------
+    def commit(self, steps: Sequence[Step]) -> list[StoreError | None]:
+        """Persist each step (its transition documents, then the guarded profile update), in bulk.
+
+        Returns one entry per step: ``None`` when committed, else the ``StoreError`` for that step
+        (``ConcurrentTransition`` after rolling the profile forward, or ``StoreUnavailable``). A step
+        whose documents were inserted is committed even if the profile update then failed: the
+        documents are the commit record and ``settle`` applies them.
+        """
+        results: list[StoreError | None] = [None] * len(steps)
+        docs: list[dict[str, Any]] = []
+        owner: list[int] = []
+        for i, step in enumerate(steps):
+            for t in step.transitions:
+                doc = t.to_doc()
+                doc["_id"] = ObjectId()
+                docs.append(doc)
+                owner.append(i)
+        if not docs:
+            return results
+        try:
+            self.transitions.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            for err in exc.details.get("writeErrors", []):
+                i = owner[err["index"]]
+                if err.get("code") == DUPLICATE_KEY:
+                    results[i] = ConcurrentTransition("slot taken", Position())
+                elif results[i] is None:
+                    results[i] = StoreUnavailable(f"inserting transition: {str(err.get('errmsg', ''))[:200]}")
+            self._discard([d["_id"] for d, o in zip(docs, owner) if results[o] is not None])
+        except PyMongoError as exc:
+            error = StoreUnavailable(f"inserting transitions: {type(exc).__name__}: {exc}")
+            return [error] * len(steps)
+
+        for i, step in enumerate(steps):
+            if isinstance(results[i], ConcurrentTransition):
+                results[i] = self._conflict(step)
+        committed = [i for i, r in enumerate(results) if r is None]
+        self._apply([steps[i] for i in committed])
+        return results
+
+    def _discard(self, ids: list[ObjectId]) -> None:
+        """Remove the documents a refused step did insert, so they cannot be mistaken for history."""
+        if not ids:
+            return
+        try:
+            self.transitions.delete_many({"_id": {"$in": ids}})
+        except PyMongoError:  # settle() drops documents that do not chain, should any remain
+            log.warning("could not discard %d refused transition documents; settle will", len(ids))
+
+    def _conflict(self, step: Step) -> ConcurrentTransition:
+        try:
+            now = self.settle(step.profile_id, step.machine)
+            last = self.transitions.find_one({"profile_id": step.profile_id, "machine": step.machine, "seq": now.seq},
+                                             {"by": 1})
+        except (StoreError, PyMongoError):
+            now, last = Position(), None
+        return ConcurrentTransition(
+            f"profile {step.profile_id} in {step.machine} was moved from seq {step.expected.seq} "
+            f"({step.expected.state}) by another writer; it is now in {now.state} (seq {now.seq})", now,
+            (last or {}).get("by", ""))
+
+    def _apply(self, steps: Sequence[Step]) -> None:
+        """The guarded profile updates of committed steps; a miss is settled, never forced."""
+        if not steps:
+            return
+        ops = [UpdateOne(_cas_filter(s.profile_id, s.machine, s.expected), _profile_update(s.machine, s.transitions))
+               for s in steps]
+        try:
+            result = self.profiles.bulk_write(ops, ordered=False)
+            if result.matched_count == len(ops):
+                return
+        except PyMongoError as exc:
+            log.warning("profile update after %d committed transitions failed (%s); settling", len(ops),
+                        type(exc).__name__)
+        for s in steps:
+            try:
+                self.settle(s.profile_id, s.machine)
+            except StoreError as exc:
+                log.warning("profile %s stays behind its history until settled: %s", s.profile_id, exc)
+
+    def settle(self, profile_id: int, machine: str) -> Position:
+        """Roll the profile forward through transition documents it did not follow (a crash between
+        the two writes); drop documents that do not chain onto it. Returns the settled position."""
+        try:
+            profile = self.profiles.find_one({"id": profile_id}, {state_field(machine): 1})
+            if profile is None:
+                raise ProfileNotFound(f"no profile with id {profile_id!r}")
+            position = position_of(profile, machine)
+            ahead = [Transition.from_doc(d) for d in self.transitions.find(
+                {"profile_id": profile_id, "machine": machine, "seq": {"$gt": position.seq}}).sort("seq", ASCENDING)]
+            if not ahead:
+                return position
+            chain: list[Transition] = []
+            for t in ahead:
+                if not _chains(position, [*chain, t]):
+                    break
+                chain.append(t)
+            stray = [t.seq for t in ahead[len(chain):]]
+            if stray:
+                log.warning("profile %s %s: dropping %d transition documents that do not chain (seq %s)",
+                            profile_id, machine, len(stray), stray)
+                self.transitions.delete_many({"profile_id": profile_id, "machine": machine, "seq": {"$in": stray}})
+            if not chain:
+                return position
+            result = self.profiles.update_one(_cas_filter(profile_id, machine, position),
+                                              _profile_update(machine, chain))
+            if result.matched_count == 0:  # someone else settled or moved it meanwhile: read again
+                return self.settle(profile_id, machine)
+            log.info("profile %s %s rolled forward to %s (seq %d)", profile_id, machine, chain[-1].dest, chain[-1].seq)
+            last = chain[-1]
+            return Position(last.dest, last.run_id, last.seq, dict(last.detail))
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"settling profile {profile_id}: {type(exc).__name__}: {exc}") from exc
+
+    # --- journaled writes ---------------------------------------------------------------------
+    def apply_journaled(self, profile_id: int, machine: str, transitions: Sequence[Transition],
+                        write: ProfileWrite | None) -> bool:
+        """Apply what a DB failure kept out of Mongo: record ``transitions`` if the profile still stands
+        where they start, and apply ``write`` without overwriting a different value. Idempotent.
+        Returns True when anything changed."""
+        changed = False
+        position = self.settle(profile_id, machine)
+        if transitions and _chains(position, transitions):
+            step = Step(profile_id, machine, position, tuple(transitions))
+            error = self.commit([step])[0]
+            if isinstance(error, StoreUnavailable):
+                raise error
+            changed = error is None
+        if write is not None:
+            changed = self._apply_write(profile_id, write) or changed
+        return changed
+
+    def _apply_write(self, profile_id: int, write: ProfileWrite) -> bool:
+        conditions = [{"$or": [{field: {"$exists": False}}, {field: None}, {field: value}]}
+                      for field, value in write.set.items()]
+        update: dict[str, Any] = {}
+        if write.set:
+            update["$set"] = dict(write.set)
+        if write.crm_log:
+            update["$addToSet"] = {"CrmLog": write.crm_log}
+        if not update:
+            return False
+        try:
+            result = self.profiles.update_one({"id": profile_id, **({"$and": conditions} if conditions else {})}, update)
+        except PyMongoError as exc:
+            raise StoreUnavailable(f"applying journaled write to {profile_id}: {type(exc).__name__}") from exc
+        if result.matched_count == 0:
+            log.warning("journaled write for profile %s not applied: the profile is gone or holds other values",
+                        profile_id)
+        return result.modified_count > 0
+
+
+def _ensure_index(collection: Collection, keys: list[tuple[str, int]], **options: Any) -> None:
+    """Create an index unless one on the same keys exists (Sefaria's own ``id`` index, say)."""
+    try:
+        existing = collection.index_information()
+    except OperationFailure:
+        existing = {}
+    if any(list(info.get("key", [])) == keys for info in existing.values()):
+        return
+    try:
+        collection.create_index(keys, **options)
+    except DuplicateKeyError as exc:  # only unique indexes on crm_transitions: existing data is corrupt
+        raise StoreError(f"cannot create unique index {options.get('name')} on {collection.name}: {exc}") from exc
