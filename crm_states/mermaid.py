@@ -2,7 +2,8 @@
 from them rather than restated in code.
 
 Reads what the project's diagrams use (states, ``[*]``, labelled edges, ``%%`` comments,
-``state "Label" as Id``, ``state Id``, ``Id : description``, ``direction``) and refuses anything else
+``state "Label" as Id``, ``state Id``, ``Id : description``, ``direction``; front matter and
+``classDef``/``class`` styling are read and dropped) and refuses anything else
 with a ``DiagramError`` naming the file and line, so a diagram feature we would silently drop (a
 composite state, a fork, a note) can never change a machine unnoticed.
 """
@@ -21,6 +22,8 @@ _STATE_AS = re.compile(rf'^state\s+"(?P<label>[^"]*)"\s+as\s+(?P<id>{_ID})$')
 _STATE = re.compile(rf"^state\s+(?P<id>{_ID})$")
 _DESCRIPTION = re.compile(rf"^(?P<id>{_ID})\s*:\s*(?P<label>.+)$")
 _DIRECTION = re.compile(r"^direction\s+(TB|BT|LR|RL)$")
+# Styling changes no state or edge, so it is read and dropped (transitions' own mermaid export emits it).
+_STYLING = re.compile(rf"^(classDef\s+{_ID}\s+.*|[Cc]lass\s+{_ID}(\s*,\s*{_ID})*\s+{_ID}|{_ID}:::{_ID})$")
 
 
 class DiagramError(ValueError):
@@ -72,6 +75,7 @@ def parse_diagram(text: str, name: str, source: str = "<string>") -> Diagram:
     initials: list[tuple[str, int]] = []
     finals: set[str] = set()
     seen_header = False
+    in_front_matter = False
 
     def fail(lineno: int, why: str) -> DiagramError:
         return DiagramError(f"{source}:{lineno}: {why}")
@@ -80,12 +84,17 @@ def parse_diagram(text: str, name: str, source: str = "<string>") -> Diagram:
         line = raw.strip()
         if not line or line.startswith("%%"):
             continue
+        if not seen_header and line == "---":  # YAML front matter (a title), before the header
+            in_front_matter = not in_front_matter
+            continue
+        if in_front_matter:
+            continue
         if not seen_header:
             if line != "stateDiagram-v2":
                 raise fail(lineno, f"expected 'stateDiagram-v2' header, found {line!r}")
             seen_header = True
             continue
-        if _DIRECTION.match(line):
+        if _DIRECTION.match(line) or _STYLING.match(line):
             continue
         if m := _EDGE.match(line):
             src, dst, label = m["src"], m["dst"], (m["label"] or "").strip() or None

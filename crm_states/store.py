@@ -236,11 +236,14 @@ class Store:
         """The guarded profile updates of committed steps; a miss is settled, never forced."""
         if not steps:
             return
-        ops = [UpdateOne(_cas_filter(s.profile_id, s.machine, s.expected), _profile_update(s.machine, s.transitions))
+        ops = [(_cas_filter(s.profile_id, s.machine, s.expected), _profile_update(s.machine, s.transitions))
                for s in steps]
-        try:
-            result = self.profiles.bulk_write(ops, ordered=False)
-            if result.matched_count == len(ops):
+        try:  # one profile (Sefaria's signup path) needs no bulk round trip
+            if len(ops) == 1:
+                matched = self.profiles.update_one(*ops[0]).matched_count
+            else:
+                matched = self.profiles.bulk_write([UpdateOne(f, u) for f, u in ops], ordered=False).matched_count
+            if matched == len(ops):
                 return
         except PyMongoError as exc:
             log.warning("profile update after %d committed transitions failed (%s); settling", len(ops),

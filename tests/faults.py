@@ -1,0 +1,78 @@
+"""Test helpers: a database wrapper that fails chosen writes, and history checks against a diagram."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pymongo.errors import AutoReconnect
+
+from crm_states.engine import StateMachine
+from crm_states.records import START, Transition
+
+
+class WritePlan:
+    """Which write calls fail: ``{("crm_transitions", "insert", 2)}`` fails the second insert."""
+
+    def __init__(self, failing: set[tuple[str, str, int]] | None = None) -> None:
+        self.failing = set(failing or ())
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.down = False
+
+    def hit(self, collection: str, kind: str) -> None:
+        self.counts[(collection, kind)] += 1
+        if self.down or (collection, kind, self.counts[(collection, kind)]) in self.failing:
+            raise AutoReconnect(f"injected failure of {kind} #{self.counts[(collection, kind)]} on {collection}")
+
+
+class FlakyCollection:
+    _KINDS = {"insert_many": "insert", "insert_one": "insert", "bulk_write": "update", "update_one": "update",
+              "delete_many": "delete"}
+
+    def __init__(self, inner: Any, plan: WritePlan) -> None:
+        self._inner = inner
+        self._plan = plan
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        kind = self._KINDS.get(name)
+        if kind is None:
+            return attr
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            self._plan.hit(self._inner.name, kind)
+            return attr(*args, **kwargs)
+
+        return write
+
+
+class FlakyDatabase:
+    """Hands out collections whose writes follow a ``WritePlan``; reads always work."""
+
+    def __init__(self, inner: Any, plan: WritePlan) -> None:
+        self._inner = inner
+        self.plan = plan
+
+    def __getitem__(self, name: str) -> FlakyCollection:
+        return FlakyCollection(self._inner[name], self.plan)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def assert_history_is_path(spec: StateMachine, history: list[Transition]) -> None:
+    """Each run in the history is a path of the diagram from ``[*]``; seqs are 1..n with no gap."""
+    assert [t.seq for t in history] == list(range(1, len(history) + 1)), [t.seq for t in history]
+    state = None
+    run_id = None
+    for t in history:
+        if t.source == START:
+            assert state is None or state in spec.terminal, f"new run started from non-terminal {state}"
+            assert t.dest == spec.diagram.initial
+            run_id = t.run_id
+        else:
+            assert t.source == state, f"{t.source} does not follow {state}"
+            assert t.run_id == run_id, "a run changed id half-way"
+            assert (t.source, t.dest) in spec.diagram.edge_set, f"{t.source} --> {t.dest} is not in the diagram"
+            assert t.trigger == spec.triggers[(t.source, t.dest)]
+        state = t.dest
