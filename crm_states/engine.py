@@ -94,7 +94,7 @@ def each(fn: Callable[["Run", Any], Outcome],
 Binding = Act | Write
 
 
-@attrs.define(eq=False, slots=False)  # transitions binds trigger methods onto its models
+@attrs.define(eq=False)
 class Run:
     """One profile's pass through a machine; the model object of the shared ``transitions`` machine."""
 
@@ -185,7 +185,9 @@ class StateMachine:
         trigger = self.triggers.get((run.state, dest))
         if trigger is None:
             raise BindingError(f"{self.name}: no edge {run.state} --> {dest}")
-        run.trigger(trigger, at=at, detail=detail or {}, write=write)
+        # Runs are not registered with the machine (add_model binds a dozen methods per object and
+        # would dominate the cost of a run); the shared machine's events drive them directly.
+        self.machine.events[trigger].trigger(run, at=at, detail=detail or {}, write=write)
 
 
 def _check_bindings(diagram: Diagram, bindings: Mapping[str, Binding]) -> None:
@@ -253,32 +255,25 @@ class Engine:
     def drive(self, runs: Sequence[Run]) -> list[RunResult]:
         """Drive every run to a terminal state (or until it cannot go on); results in input order."""
         active = [r for r in runs if r.result is None]
-        for run in active:
-            self.spec.machine.add_model(run, initial=run.state)
-        try:
-            while active:
+        while active:
+            for run in active:
+                self._advance_locally(run)
+            self._flush(active)
+            active = [r for r in active if r.result is None]
+            waiting: dict[str, list[Run]] = {}
+            for run in active:
+                if run.state in self.spec.terminal:
+                    run.result = RunResult(run.profile_id, run.state, "finished")
+                else:
+                    waiting.setdefault(run.state, []).append(run)
+            try:
+                for state, batch in waiting.items():
+                    self._act(state, batch)
+            except Halt as halt:
                 for run in active:
-                    self._advance_locally(run)
-                self._flush(active)
-                active = [r for r in active if r.result is None]
-                waiting: dict[str, list[Run]] = {}
-                for run in active:
-                    if run.state in self.spec.terminal:
-                        run.result = RunResult(run.profile_id, run.state, "finished")
-                    else:
-                        waiting.setdefault(run.state, []).append(run)
-                try:
-                    for state, batch in waiting.items():
-                        self._act(state, batch)
-                except Halt as halt:
-                    for run in active:
-                        if run.result is None:
-                            run.result = RunResult(run.profile_id, run.position.state, "halted", str(halt))
-                active = [r for r in active if r.result is None]
-        finally:
-            for run in runs:
-                if run in self.spec.machine.models:
-                    self.spec.machine.remove_model(run)
+                    if run.result is None:
+                        run.result = RunResult(run.profile_id, run.position.state, "halted", str(halt))
+            active = [r for r in active if r.result is None]
         return [r.result for r in runs]  # type: ignore[misc]
 
     def _advance_locally(self, run: Run) -> None:

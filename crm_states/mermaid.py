@@ -21,6 +21,8 @@ _EDGE = re.compile(rf"^(?P<src>{_ID}|\[\*\])\s*-->\s*(?P<dst>{_ID}|\[\*\])\s*(?:
 _STATE_AS = re.compile(rf'^state\s+"(?P<label>[^"]*)"\s+as\s+(?P<id>{_ID})$')
 _STATE = re.compile(rf"^state\s+(?P<id>{_ID})$")
 _DESCRIPTION = re.compile(rf"^(?P<id>{_ID})\s*:\s*(?P<label>.+)$")
+# Mermaid words that are never state ids: "note : x" is a note, not a state called "note".
+_KEYWORDS = frozenset({"note", "state", "direction", "classDef", "class", "click", "style", "end", "as"})
 _DIRECTION = re.compile(r"^direction\s+(TB|BT|LR|RL)$")
 # Styling changes no state or edge, so it is read and dropped (transitions' own mermaid export emits it).
 _STYLING = re.compile(rf"^(classDef\s+{_ID}\s+.*|[Cc]lass\s+{_ID}(\s*,\s*{_ID})*\s+{_ID}|{_ID}:::{_ID})$")
@@ -120,7 +122,7 @@ def parse_diagram(text: str, name: str, source: str = "<string>") -> Diagram:
         if m := _STATE.match(line):
             states.setdefault(m["id"])
             continue
-        if m := _DESCRIPTION.match(line):
+        if (m := _DESCRIPTION.match(line)) and m["id"] not in _KEYWORDS:
             states.setdefault(m["id"])
             labels[m["id"]] = m["label"].strip()
             continue
