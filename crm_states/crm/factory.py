@@ -1,0 +1,65 @@
+"""Pick the CRM from settings, with Sefaria's setting names.
+
+Sefaria's ``crm_factory`` silently gives a dummy for an empty, unknown or misspelt ``CRM_TYPE``, so a
+typo in production quietly drops every signup. Here that, and any missing setting, is a
+``CrmConfigError`` naming the settings (never their values: some are secrets).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .base import CrmConnectionManager
+from .dummy import DummyConnectionManager
+from .errors import CrmConfigError
+from .log import LogConnectionManager
+from .nationbuilder import NationbuilderConnectionManager
+
+CRM_TYPES = ("SALESFORCE", "NATIONBUILDER", "LOG", "NONE")
+
+
+def crm_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> CrmConnectionManager:
+    """The manager ``CRM_TYPE`` names, built from ``env`` (default ``os.environ``).
+
+    ``overrides`` are extra keyword arguments for the manager's constructor (``session``, ``policy``,
+    ``sleep``...); they win over keywords read from ``env`` (``base_url``, ``api_version``).
+    Values are stripped; an empty value counts as missing.
+    """
+    settings = os.environ if env is None else env
+
+    def get(name: str) -> str:
+        return (settings.get(name) or "").strip()
+
+    def require(crm_type: str, *names: str) -> list[str]:
+        missing = [name for name in names if not get(name)]
+        if missing:
+            raise CrmConfigError(f"CRM_TYPE={crm_type} needs {', '.join(missing)} (missing or empty)")
+        return [get(name) for name in names]
+
+    given = get("CRM_TYPE")
+    crm_type = given.upper()
+    if crm_type == "SALESFORCE":
+        base_url, client_id, client_secret = require(
+            crm_type, "SALESFORCE_BASE_URL", "SALESFORCE_CLIENT_ID", "SALESFORCE_CLIENT_SECRET")
+        from .salesforce import SalesforceConnectionManager  # lazy: the other types must not need it
+
+        keywords: dict[str, Any] = {}
+        if get("SALESFORCE_API_VERSION"):
+            keywords["api_version"] = get("SALESFORCE_API_VERSION").removeprefix("v")
+        return SalesforceConnectionManager(base_url, client_id, client_secret, **{**keywords, **overrides})
+    if crm_type == "NATIONBUILDER":
+        (token,) = require(crm_type, "NATIONBUILDER_TOKEN")
+        keywords = {"base_url": get("NATIONBUILDER_BASE_URL") or None, **overrides}
+        if not get("NATIONBUILDER_SLUG") and not keywords["base_url"]:
+            raise CrmConfigError(
+                f"CRM_TYPE={crm_type} needs NATIONBUILDER_SLUG (or NATIONBUILDER_BASE_URL) (missing or empty)")
+        return NationbuilderConnectionManager(get("NATIONBUILDER_SLUG") or None, token, **keywords)
+    if crm_type == "LOG":
+        (path,) = require(crm_type, "CRM_LOG_PATH")
+        return LogConnectionManager(path, **overrides)
+    if crm_type == "NONE":
+        return DummyConnectionManager(**overrides)
+    shown = repr(given[:40]) if given else "empty"
+    raise CrmConfigError(f"CRM_TYPE is {shown}: set it to one of {', '.join(CRM_TYPES)}")

@@ -1,0 +1,38 @@
+"""CRM_TYPE=NONE: accepts everything, answers nothing, and its ids can never pass for real ones."""
+
+from __future__ import annotations
+
+import requests
+
+from crm_states.crm.dummy import DUMMY_ID_PREFIX, DummyConnectionManager, dummy_id, is_dummy_id
+
+
+def test_ids_are_deterministic_placeholders() -> None:
+    crm = DummyConnectionManager()
+    first = crm.add_user_to_crm("Ada@Example.org", "Ada", "L")
+    assert first == crm.add_user_to_crm(" ada@example.org", "Other", "Name", lang="he", educator=True)
+    assert first != crm.add_user_to_crm("bob@example.org", "Bob", "L")
+    assert first.startswith(DUMMY_ID_PREFIX) and is_dummy_id(first)
+
+
+def test_external_id_wins_over_email() -> None:
+    crm = DummyConnectionManager()
+    by_external = crm.add_user_to_crm("a@example.org", "A", "L", external_id=7)
+    assert by_external == crm.add_user_to_crm("b@example.org", "B", "L", external_id="7")
+    assert by_external == dummy_id("external:7") and by_external != crm.add_user_to_crm("a@example.org", "A", "L")
+
+
+def test_real_ids_and_sefarias_true_are_not_dummy_ids() -> None:
+    assert not any(is_dummy_id(v) for v in (True, 1, "12345", "a0X5e000001AbCdEAF", None, "pending:abc"))
+
+
+def test_writes_do_nothing_and_reads_find_nothing() -> None:
+    crm = DummyConnectionManager()
+    crm_id = crm.add_user_to_crm("a@example.org", "A", "L")
+    assert crm.change_user_email(crm_id, "b@example.org") is None
+    assert crm.add_email_to_mailing_lists("a@example.org", ["L1"]) is None
+    assert crm.mark_as_spam_in_crm(crm_id) is None and crm.mark_for_review_in_crm(crm_id) is None
+    assert crm.find_crm_id("a@example.org") is None
+    assert list(crm.get_sustainers()) == []
+    assert crm.find_app_users_by_nationbuilder_ids([1, 2]) == {}
+    assert isinstance(crm.get_connection(), requests.Session) and crm.name == "none"
