@@ -1,6 +1,7 @@
 """CRM clients behind one seam, ``CrmConnectionManager``, and one error hierarchy."""
 
 from .base import CrmConnectionManager
+from .dummy import DummyConnectionManager
 from .errors import (
     CrmAuthError,
     CrmConfigError,
@@ -10,6 +11,11 @@ from .errors import (
     CrmRejected,
     CrmTransientError,
 )
+from .factory import crm_from_env
+from .http import RetryPolicy
+from .log import LoadReport, LogConnectionManager, load_log
+from .nationbuilder import NationbuilderConnectionManager
+from .salesforce import SalesforceConnectionManager, SalesforceSchema, soql_quote
 
 __all__ = [
     "CrmConnectionManager",
@@ -20,4 +26,14 @@ __all__ = [
     "CrmAuthError",
     "CrmRejected",
     "CrmConfigError",
+    "SalesforceConnectionManager",
+    "SalesforceSchema",
+    "NationbuilderConnectionManager",
+    "LogConnectionManager",
+    "DummyConnectionManager",
+    "LoadReport",
+    "load_log",
+    "crm_from_env",
+    "RetryPolicy",
+    "soql_quote",
 ]
