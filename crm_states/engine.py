@@ -3,12 +3,14 @@ are driven through it with every transition persisted.
 
 A binding says what a state does:
 
-- ``Act``: an effect that decides the next state (a CRM request when ``external``, else a local check).
+- ``Act``: an effect that decides the next state (a CRM request when ``external``, else a local check);
+  ``write_ahead`` when the effect is a CRM write that must not happen unrecorded.
   Effects take a batch of runs, so a batch runner can make one CRM call for a thousand profiles.
 - ``Write``: the state's effect is a DB write, with a success edge and a DB-failure edge.
 
-Persistence is write-ahead: transitions taken locally are committed before an external effect runs and
-when a run stops, so a crash never leaves a CRM side effect unrecorded. A ``Write`` state's data is
+Persistence is write-ahead: pending transitions are committed before a ``write_ahead`` effect runs and
+when a run stops, so a crash never leaves a CRM side effect unrecorded (a read, such as a lookup, is
+simply asked again after a crash, so its transitions are committed with the outcome, in one write). A ``Write`` state's data is
 committed together with its success transition; if MongoDB refuses it, the run takes the failure edge
 and the intended write goes to the journal. The engine knows no CRM and no collection names.
 """
@@ -53,12 +55,14 @@ class Outcome:
 @attrs.frozen
 class Act:
     """``effect(runs, context)`` returns one ``Outcome`` per run; ``context`` is what the ``Engine``
-    was given (the CRM, for the project's machines). An exception sends every run to ``on_error``."""
+    was given (the CRM, for the project's machines). An exception sends every run to ``on_error``.
+    ``write_ahead``: the effect changes the CRM, so the run's transitions are persisted before it runs."""
 
     effect: Callable[[Sequence["Run"], Any], Sequence[Outcome]]
     dests: frozenset[str]
     on_error: str | None = None
     external: bool = True
+    write_ahead: bool = False
 
 
 @attrs.frozen
@@ -135,6 +139,12 @@ def trigger_name(label: str | None, dest: str) -> str:
         return f"to_{dest}"
     slug = re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
     return slug if slug and not slug[0].isdigit() else f"on_{slug}"
+
+
+def new_run_id(profile_id: int, first_seq: int) -> str:
+    """A run is named by its profile and first seq: writers starting a run from the same position
+    name it alike, which is what makes the store's unique key a compare-and-set."""
+    return f"{profile_id}-{first_seq}"
 
 
 class StateMachine:
@@ -240,7 +250,7 @@ class Engine:
                   state=position.state or self.spec.diagram.initial, detail=dict(position.detail),
                   inputs=dict(inputs or {}))
         if position.state is None or (restart and position.state in self.spec.terminal):
-            run.run_id = uuid.uuid4().hex
+            run.run_id = new_run_id(run.profile_id, position.seq + 1)
             run.prior = dict(position.detail) if position.state else {}
             run.state = self.spec.diagram.initial
             run.detail = {}
@@ -258,7 +268,7 @@ class Engine:
         while active:
             for run in active:
                 self._advance_locally(run)
-            self._flush(active)
+            self._flush([r for r in active if r.state in self.spec.terminal or self._writes_ahead(r)])
             active = [r for r in active if r.result is None]
             waiting: dict[str, list[Run]] = {}
             for run in active:
@@ -275,6 +285,10 @@ class Engine:
                         run.result = RunResult(run.profile_id, run.position.state, "halted", str(halt))
             active = [r for r in active if r.result is None]
         return [r.result for r in runs]  # type: ignore[misc]
+
+    def _writes_ahead(self, run: Run) -> bool:
+        binding = self.spec.bindings[run.state]
+        return isinstance(binding, Act) and binding.write_ahead
 
     def _advance_locally(self, run: Run) -> None:
         """Take every step that needs no CRM call: local acts and DB-write states."""

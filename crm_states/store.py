@@ -8,9 +8,10 @@ Layout (Sefaria's ``profiles`` collection, extended):
 - ``crm_transitions``: one document per transition,
   ``{profile_id, machine, run_id, seq, source, dest, trigger, at, detail, write?, by}``.
 
-``seq`` numbers every transition of a profile in a machine across runs, and is unique per
-(profile_id, machine): inserting transition ``seq = n + 1`` claims the right to move a profile that
-stands at ``n``. The transition document is the commit record; the profile update (guarded by the old
+``seq`` numbers every transition of a profile in a machine across runs, and ``run_id`` follows from the
+position a transition leaves (the run it continues, or ``"<profile_id>-<seq>"`` for a run it starts), so
+the unique key (profile_id, machine, run_id, seq) of transition ``seq = n + 1`` is the same for every
+writer moving a profile from ``n``: inserting it claims the right to move the profile. The transition document is the commit record; the profile update (guarded by the old
 ``seq``) follows. A crash between the two leaves a document the profile did not follow; ``settle``
 finds and applies it, exactly once, and removes documents that do not chain onto the profile's state.
 """
@@ -133,10 +134,11 @@ class Store:
     def ensure_indexes(self, machines: Iterable[str] = ()) -> None:
         """Indexes for the compare-and-set, the history and "profiles of machine M in state S"."""
         _ensure_index(self.profiles, [("id", ASCENDING)])
-        _ensure_index(self.transitions, [("profile_id", ASCENDING), ("machine", ASCENDING), ("seq", ASCENDING)],
-                      unique=True, name="crm_slot")
+        # The compare-and-set: run_id is a function of the position a transition leaves (the run it
+        # continues, or a new run named by its first seq), so two writers moving a profile from the
+        # same position write the same key and only one insert succeeds.
         _ensure_index(self.transitions, [("profile_id", ASCENDING), ("machine", ASCENDING), ("run_id", ASCENDING),
-                                         ("seq", ASCENDING)], unique=True, name="crm_run_seq")
+                                         ("seq", ASCENDING)], unique=True, name="crm_slot")
         for machine in machines:
             _ensure_index(self.profiles, [(f"{state_field(machine)}.state", ASCENDING),
                                           (f"{state_field(machine)}.at", ASCENDING)])

@@ -56,7 +56,8 @@ BINDINGS = {
     "UserCreated": Act(each(user_created), frozenset({"RequestAddToSalesforce"}),
                        external=False),
     "RequestAddToSalesforce": Act(each(add_to_salesforce, on_error="UnexpectedResponse"),
-                                  frozenset({"OK", "UnexpectedResponse"}), on_error="UnexpectedResponse"),
+                                  frozenset({"OK", "UnexpectedResponse"}), on_error="UnexpectedResponse",
+                                  write_ahead=True),
     "OK": Write(write_app_user_id, success="WroteSalesforceAppUserUid", failure="LoggedDbFailure"),
     "UnexpectedResponse": Write(write_error, success="WroteSalesforceErrorToDb", failure="LoggedDbFailure"),
 }

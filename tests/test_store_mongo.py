@@ -14,7 +14,8 @@ from crm_states.api import CrmStates
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, read_entries, replay_file
 from crm_states.records import START, Transition, utcnow
-from crm_states.store import ProfileNotFound, Store, Step, position_of
+from crm_states.engine import new_run_id
+from crm_states.store import ConcurrentTransition, ProfileNotFound, Store, Step, position_of
 from crm_states.testing.mongo import MongoServer
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
@@ -167,8 +168,8 @@ def failpoint_server() -> Iterator[MongoServer]:
 
 
 def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: MongoServer, tmp_path: Path) -> None:
-    """A real server refuses every insert after the first commit: the run lands in the DB-failure state
-    in the journal; replay restores it, and a second replay changes nothing."""
+    """A real server refuses every insert: the run lands in the DB-failure state in the journal only;
+    replay restores it, and a second replay changes nothing."""
     client: MongoClient = MongoClient(failpoint_server.url)
     db = client.sefaria
     crm = InMemoryCrm()
@@ -176,7 +177,7 @@ def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: Mon
     app = CrmStates.open(db, crm, journal_path=str(journal))
     db.profiles.insert_one({"id": 40, "nationbuilder_id": 4040})
     app_user = crm.add_app_user(nationbuilder_id=4040)
-    client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
+    client.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
                           "data": {"failCommands": ["insert"], "errorCode": 2}})
     try:
         result = app.validate_profile(40)
@@ -184,7 +185,7 @@ def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: Mon
         client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
 
     assert result.state == "DbWriteOkErrorLogged" and result.journaled
-    assert position_of(db.profiles.find_one({"id": 40}), nb.NAME).state == "RequestedContact"
+    assert position_of(db.profiles.find_one({"id": 40}), nb.NAME).state is None
     [entry] = list(read_entries(journal.read_text().splitlines()))
     assert entry.persisted is False and entry.write.set == {"sf_app_user_id": app_user}
 
@@ -225,13 +226,21 @@ def test_journal_file_is_append_only_jsonl(tmp_path: Path) -> None:
     assert [e.profile_id for e in entries] == [1, 2]
 
 
-def test_step_commit_refuses_a_stale_position(db) -> None:
+def test_step_commit_refuses_a_second_writer_from_the_same_position(db) -> None:
     store = Store(db)
     store.ensure_indexes([nb.NAME])
     db.profiles.insert_one({"id": 60})
-    start = Transition(60, nb.NAME, "r1", 1, START, "NotChecked", "start", utcnow())
-    assert store.commit([Step(60, nb.NAME, position_of(None, nb.NAME), (start,))]) == [None]
-    again = Transition(60, nb.NAME, "r2", 1, START, "NotChecked", "start", utcnow())
-    [error] = store.commit([Step(60, nb.NAME, position_of(None, nb.NAME), (again,))])
-    assert error is not None and error.position.run_id == "r1"
-    assert [t.run_id for t in store.history(60, nb.NAME)] == ["r1"]
+    first = Transition(60, nb.NAME, new_run_id(60, 1), 1, START, "NotChecked", "start", utcnow(), by="a")
+    assert store.commit([Step(60, nb.NAME, position_of(None, nb.NAME), (first,))]) == [None]
+    # The second writer read the same (empty) position, so it names its run the same way.
+    second = Transition(60, nb.NAME, new_run_id(60, 1), 1, START, "NotChecked", "start", utcnow(), by="b")
+    [error] = store.commit([Step(60, nb.NAME, position_of(None, nb.NAME), (second,))])
+    assert isinstance(error, ConcurrentTransition) and error.by == "a"
+    assert (error.position.state, error.position.seq) == ("NotChecked", 1)
+    # A writer continuing from a stale position collides the same way.
+    moved = Transition(60, nb.NAME, new_run_id(60, 1), 2, "NotChecked", "RequestedContact", "x", utcnow(), by="a")
+    store.commit([Step(60, nb.NAME, error.position, (moved,))])
+    stale = Transition(60, nb.NAME, new_run_id(60, 1), 2, "NotChecked", "ScriptFailureLogged", "y", utcnow(), by="c")
+    [error] = store.commit([Step(60, nb.NAME, error.position, (stale,))])
+    assert isinstance(error, ConcurrentTransition) and error.position.state == "RequestedContact"
+    assert [t.by for t in store.history(60, nb.NAME)] == ["a", "a"]
