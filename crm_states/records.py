@@ -75,8 +75,15 @@ class Transition:
     write: ProfileWrite | None = None
     by: str = ""
 
+    @property
+    def key(self) -> str:
+        """The document's ``_id``: the natural key (machine, profile_id, seq, run_id), so its uniqueness
+        needs no index beyond ``_id``; seq is zero-padded so a profile's documents sort by seq."""
+        return f"{history_prefix(self.machine, self.profile_id)}{self.seq:010d}:{self.run_id}"
+
     def to_doc(self) -> dict[str, Any]:
         doc = {
+            "_id": self.key,
             "profile_id": self.profile_id,
             "machine": self.machine,
             "run_id": self.run_id,
@@ -110,12 +117,18 @@ class Transition:
 
     def to_json(self) -> dict[str, Any]:
         doc = self.to_doc()
+        del doc["_id"]
         doc["at"] = iso(self.at)
         return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Transition:
         return cls.from_doc({**doc, "at": dt.datetime.fromisoformat(str(doc["at"]).replace("Z", "+00:00"))})
+
+
+def history_prefix(machine: str, profile_id: int) -> str:
+    """The ``_id`` prefix shared by every transition of one profile in one machine."""
+    return f"{machine}:{profile_id}:"
 
 
 def _aware(at: dt.datetime) -> dt.datetime:

@@ -11,7 +11,9 @@ Layout (Sefaria's ``profiles`` collection, extended):
 ``seq`` numbers every transition of a profile in a machine across runs, and ``run_id`` follows from the
 position a transition leaves (the run it continues, or ``"<profile_id>-<seq>"`` for a run it starts), so
 the unique key (profile_id, machine, run_id, seq) of transition ``seq = n + 1`` is the same for every
-writer moving a profile from ``n``: inserting it claims the right to move the profile. The transition document is the commit record; the profile update (guarded by the old
+writer moving a profile from ``n``: inserting it claims the right to move the profile. That key is the
+document's ``_id`` (``<machine>:<profile_id>:<seq>:<run_id>``, seq zero-padded), so it is unique without a
+secondary index and a profile's history is an ``_id`` range in seq order. The transition document is the commit record; the profile update (guarded by the old
 ``seq``) follows. A crash between the two leaves a document the profile did not follow; ``settle``
 finds and applies it, exactly once, and removes documents that do not chain onto the profile's state.
 """
@@ -23,13 +25,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
-from bson import ObjectId
 from pymongo import ASCENDING, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
-from .records import START, Position, ProfileWrite, Transition
+from .records import START, Position, ProfileWrite, Transition, history_prefix
 
 log = logging.getLogger("crm_states.store")
 
@@ -134,11 +135,7 @@ class Store:
     def ensure_indexes(self, machines: Iterable[str] = ()) -> None:
         """Indexes for the compare-and-set, the history and "profiles of machine M in state S"."""
         _ensure_index(self.profiles, [("id", ASCENDING)])
-        # The compare-and-set: run_id is a function of the position a transition leaves (the run it
-        # continues, or a new run named by its first seq), so two writers moving a profile from the
-        # same position write the same key and only one insert succeeds.
-        _ensure_index(self.transitions, [("profile_id", ASCENDING), ("machine", ASCENDING), ("run_id", ASCENDING),
-                                         ("seq", ASCENDING)], unique=True, name="crm_slot")
+        # crm_transitions needs none: its _id is the unique (machine, profile_id, seq, run_id) key.
         for machine in machines:
             _ensure_index(self.profiles, [(f"{state_field(machine)}.state", ASCENDING),
                                           (f"{state_field(machine)}.at", ASCENDING)])
@@ -169,8 +166,13 @@ class Store:
         return {row["_id"]: row["n"] for row in self.profiles.aggregate(pipeline)}
 
     def history(self, profile_id: int, machine: str) -> list[Transition]:
-        docs = self.transitions.find({"profile_id": profile_id, "machine": machine}).sort("seq", ASCENDING)
-        return [Transition.from_doc(d) for d in docs]
+        return [Transition.from_doc(d) for d in self._history_docs(profile_id, machine)]
+
+    def _history_docs(self, profile_id: int, machine: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """A profile's transition documents in seq order: one range of ``_id``."""
+        prefix = history_prefix(machine, profile_id)
+        docs = self.transitions.find({"_id": {"$gt": f"{prefix}{after_seq:010d};", "$lt": prefix[:-1] + ";"}})
+        return list(docs.sort("_id", ASCENDING))
 
     # --- the compare-and-set ------------------------------------------------------------------
     def commit(self, steps: Sequence[Step]) -> list[StoreError | None]:
@@ -186,22 +188,23 @@ class Store:
         owner: list[int] = []
         for i, step in enumerate(steps):
             for t in step.transitions:
-                doc = t.to_doc()
-                doc["_id"] = ObjectId()
-                docs.append(doc)
+                docs.append(t.to_doc())
                 owner.append(i)
         if not docs:
             return results
         try:
             self.transitions.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
+            refused = {err["index"] for err in exc.details.get("writeErrors", [])}
             for err in exc.details.get("writeErrors", []):
                 i = owner[err["index"]]
                 if err.get("code") == DUPLICATE_KEY:
                     results[i] = ConcurrentTransition("slot taken", Position())
                 elif results[i] is None:
                     results[i] = StoreUnavailable(f"inserting transition: {str(err.get('errmsg', ''))[:200]}")
-            self._discard([d["_id"] for d, o in zip(docs, owner) if results[o] is not None])
+            # Only what this call inserted: a refused document's _id is the winner's document.
+            self._discard([d["_id"] for i, (d, o) in enumerate(zip(docs, owner))
+                           if results[o] is not None and i not in refused])
         except PyMongoError as exc:
             error = StoreUnavailable(f"inserting transitions: {type(exc).__name__}: {exc}")
             return [error] * len(steps)
@@ -213,7 +216,7 @@ class Store:
         self._apply([steps[i] for i in committed])
         return results
 
-    def _discard(self, ids: list[ObjectId]) -> None:
+    def _discard(self, ids: list[str]) -> None:
         """Remove the documents a refused step did insert, so they cannot be mistaken for history."""
         if not ids:
             return
@@ -225,8 +228,8 @@ class Store:
     def _conflict(self, step: Step) -> ConcurrentTransition:
         try:
             now = self.settle(step.profile_id, step.machine)
-            last = self.transitions.find_one({"profile_id": step.profile_id, "machine": step.machine, "seq": now.seq},
-                                             {"by": 1})
+            docs = self._history_docs(step.profile_id, step.machine, after_seq=max(now.seq - 1, 0))
+            last = next((d for d in docs if d["seq"] == now.seq), None)
         except (StoreError, PyMongoError):
             now, last = Position(), None
         return ConcurrentTransition(
@@ -264,8 +267,7 @@ class Store:
             if profile is None:
                 raise ProfileNotFound(f"no profile with id {profile_id!r}")
             position = position_of(profile, machine)
-            ahead = [Transition.from_doc(d) for d in self.transitions.find(
-                {"profile_id": profile_id, "machine": machine, "seq": {"$gt": position.seq}}).sort("seq", ASCENDING)]
+            ahead = [Transition.from_doc(d) for d in self._history_docs(profile_id, machine, after_seq=position.seq)]
             if not ahead:
                 return position
             chain: list[Transition] = []
@@ -277,7 +279,7 @@ class Store:
             if stray:
                 log.warning("profile %s %s: dropping %d transition documents that do not chain (seq %s)",
                             profile_id, machine, len(stray), stray)
-                self.transitions.delete_many({"profile_id": profile_id, "machine": machine, "seq": {"$in": stray}})
+                self.transitions.delete_many({"_id": {"$in": [t.key for t in ahead[len(chain):]]}})
             if not chain:
                 return position
             result = self.profiles.update_one(_cas_filter(profile_id, machine, position),
