@@ -1,24 +1,377 @@
-"""Reports over persisted states: how many profiles stand in each state of each machine."""
+"""``crm-states report``: where the profiles stand in each machine, and what to do about it.
+
+- default: per machine, every diagram state with its count, its kind (final / stopped / db failure), the
+  oldest and newest time a profile entered it, and for each failure state the design document's handling
+  note (docs CRM.md, "Handling failure states");
+- ``--json``: the same data as one JSON document, ``machine -> state -> {count, oldest, newest, kind, note}``;
+- ``--state S --csv FILE``: the profiles now in S, streamed from a cursor into a CSV (``-``: stdout);
+- ``--mermaid``: the machine's ``stateDiagram-v2`` with each state's count in its label.
+
+The counts and times come from ONE aggregation per machine over ``profiles`` (``$group`` by
+``crm_state.<machine>.state``); no profile is loaded into memory except one at a time for the CSV.
+"""
 
 from __future__ import annotations
 
-from typing import TextIO
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import textwrap
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
 
+import attrs
 from pymongo.database import Database
 
 from .api import MACHINES
-from .store import Store
+from .engine import StateMachine
+from .records import iso
+from .store import Store, state_field
+
+# --- kinds of states --------------------------------------------------------------------------------
+FINAL = "final"  # the diagram's happy end (an edge to [*])
+STOPPED = "stopped"  # a terminal state that is not final: a failure someone has to look at
+DB_FAILURE = "db failure"  # a Write state's failure edge: the intended write is in the journal
+INTERMEDIATE = "intermediate"  # has outgoing edges: a profile here is a run stopped half-way
+UNKNOWN = "not in diagram"  # in the database but not in today's diagram (renamed or removed state)
+
+#: Handling of each failure state, quoted or closely paraphrased from the design document (CRM.md,
+#: 'Handling "Failure States"'), with the command of this project that does the step.
+NOTES: Mapping[str, Mapping[str, str]] = {
+    "nb_profile_validation": {
+        "ScriptFailureLogged":
+            "The script to validate users did not complete. Debug errors (crm_state.nb_profile_validation."
+            "detail.error holds the error) and re-run the script: `crm-states resume --machine "
+            "nb_profile_validation --state ScriptFailureLogged`.",
+        "DbWriteOkErrorLogged":
+            "The user was found in Salesforce but there was an issue writing data to the database. Manually "
+            "resolve this (or write another script to handle these folks). The app user id was journaled: "
+            "`crm-states replay <journal>` writes it, and `crm-states resume` writes it without asking "
+            "Salesforce again.",
+        "DbWriteNotFoundErrorLogged":
+            "ErrorLogged status: the 404 result should have been written to Mongo but was not. Pull these from "
+            "the logs and write to Mongo: `crm-states replay <journal>` (the journal file or the application log).",
+        "WroteNotFound":
+            "The user was not in Salesforce but has a Nationbuilder ID: possibly a spam user that was not "
+            "deleted properly, OR there was an issue migrating the user. Create a CSV of these users "
+            "(`crm-states report --machine nb_profile_validation --state WroteNotFound --csv FILE`) and decide "
+            "with MarComs how to resolve them. These have `NbProfileNotFoundInSalesforce-datetime` in their "
+            "`CrmLog` on Mongo.",
+        "WroteUnexpectedResponse":
+            "Manually look through these and figure out what went wrong. These have "
+            "`NbProfileUnexpectedRes-datetime: {error message}` in their `CrmLog` on Mongo. Once the cause is "
+            "fixed, `crm-states resume --machine nb_profile_validation --state WroteUnexpectedResponse` asks again.",
+        "DbWriteUnexpectedResFailure":
+            "ErrorLogged status: the unexpected response should have been written to Mongo but was not. Pull "
+            "these from the logs and write to Mongo: `crm-states replay <journal>` (the journal file or the "
+            "application log).",
+    },
+    "new_user_signup": {
+        "WroteSalesforceErrorToDb":
+            "These need to be checked and debugged. They have `NewUserSalesforceWriteError-datetime: "
+            "{error message}` in their `CrmLog` on Mongo. Once fixed, `crm-states resume --machine "
+            "new_user_signup --state WroteSalesforceErrorToDb` tries again (never a second app user).",
+        "LoggedDbFailure":
+            "Manually resolve. The database write failed; after OK the app user already exists in Salesforce "
+            "and its id was journaled: pull it from the logs and write it to Mongo with `crm-states replay "
+            "<journal>`, or `crm-states resume --machine new_user_signup --state LoggedDbFailure` writes it "
+            "without calling Salesforce again. Never create these users anew.",
+    },
+}
+
+#: The design document's note on a whole machine, printed under its states in the text report.
+MACHINE_NOTES: Mapping[str, str] = {
+    "nb_profile_validation": "Only after the failure states are handled can we remove nationbuilder_id from Mongo.",
+}
+
+HALF_WAY_NOTE = ("A run stopped half-way (crash or outage): `crm-states resume --machine {machine} --state {state}` "
+                 "or re-running the same command continues it.")
+UNKNOWN_NOTE = ("Not a state of the current diagram (an older diagram's name?): the machine cannot continue "
+                "these profiles; look at them by hand.")
+
+CSV_COLUMNS = ("id", "nationbuilder_id", "email", "first_name", "last_name", "sf_app_user_id", "last_crm_log", "since")
+
+_STYLES = {FINAL: ("final", "fill:#d4edda,stroke:#28a745"),
+           STOPPED: ("stopped", "fill:#fff3cd,stroke:#d39e00"),
+           DB_FAILURE: ("dbfailure", "fill:#f8d7da,stroke:#dc3545")}
+
+
+@attrs.frozen
+class StateRow:
+    """One state of one machine: how many profiles stand in it and since when."""
+
+    machine: str
+    state: str
+    count: int
+    oldest: dt.datetime | None
+    newest: dt.datetime | None
+    kind: str
+    note: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "oldest": _iso(self.oldest), "newest": _iso(self.newest), "kind": self.kind,
+                "note": self.note}
+
+
+def kind_of(spec: StateMachine, state: str) -> str:
+    if state in spec.db_failure_states:
+        return DB_FAILURE
+    if state in spec.diagram.finals:
+        return FINAL
+    if state in spec.terminal:
+        return STOPPED
+    if state in spec.diagram.states:
+        return INTERMEDIATE
+    return UNKNOWN
+
+
+def note_for(machine: str, state: str, kind: str, count: int) -> str | None:
+    """The handling note of a failure state (always), or of a mid-way / unknown state holding profiles."""
+    note = NOTES.get(machine, {}).get(state)
+    if note is not None:
+        return note
+    if kind == INTERMEDIATE and count:
+        return HALF_WAY_NOTE.format(machine=machine, state=state)
+    if kind == UNKNOWN and count:
+        return UNKNOWN_NOTE
+    return None
+
+
+def collect(db: Database, machines: Iterable[str] | None = None) -> dict[str, list[StateRow]]:
+    """Per machine, one row per diagram state (diagram order), then any state found only in the database.
+    One aggregation per machine."""
+    store = Store(db)
+    result: dict[str, list[StateRow]] = {}
+    for name in (list(machines) if machines is not None else list(MACHINES)):
+        spec = MACHINES[name]
+        field = state_field(name)
+        pipeline = [{"$match": {f"{field}.state": {"$exists": True}}},
+                    {"$group": {"_id": f"${field}.state", "count": {"$sum": 1},
+                                "oldest": {"$min": f"${field}.at"}, "newest": {"$max": f"${field}.at"}}}]
+        found = {row["_id"]: row for row in store.profiles.aggregate(pipeline)}
+        extra = sorted((s for s in found if s not in spec.diagram.states), key=str)
+        rows = []
+        for state in [*spec.diagram.states, *extra]:
+            row = found.get(state) or {}
+            count = int(row.get("count", 0))
+            kind = kind_of(spec, state)
+            rows.append(StateRow(name, str(state), count, row.get("oldest"), row.get("newest"), kind,
+                                 note_for(name, str(state), kind, count)))
+        result[name] = rows
+    return result
+
+
+# --- the three outputs ------------------------------------------------------------------------------
+def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
+    for name, rows in data.items():
+        total = sum(r.count for r in rows)
+        print(f"{name} ({total} profiles)", file=out)
+        for r in rows:
+            mark = "" if r.kind == INTERMEDIATE else r.kind
+            since = f"{_iso(r.oldest)} .. {_iso(r.newest)}" if r.count else ""
+            print(f"  {r.state:<30} {r.count:>8}  {mark:<14}  {since}".rstrip(), file=out)
+            if r.note:
+                print(textwrap.fill(r.note, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                    break_on_hyphens=False, break_long_words=False), file=out)
+        if name in MACHINE_NOTES:
+            print(f"  NOTE: {MACHINE_NOTES[name]}", file=out)
 
 
 def print_counts(db: Database, out: TextIO) -> None:
-    """Per machine, every diagram state with its count; DB-failure and other terminal states marked."""
-    store = Store(db)
-    for name, spec in MACHINES.items():
-        counts = store.count_by_state(name)
-        total = sum(counts.values())
-        print(f"{name} ({total} profiles)", file=out)
-        for state in spec.diagram.states:
-            mark = ("db failure" if state in spec.db_failure_states
-                    else "final" if state in spec.diagram.finals
-                    else "stopped" if state in spec.terminal else "")
-            print(f"  {state:<30} {counts.get(state, 0):>8}  {mark}".rstrip(), file=out)
+    """Per machine, every diagram state with its count, kind, entry times and handling note (the demo's
+    closing table and the default ``crm-states report``)."""
+    write_text(collect(db), out)
+
+
+def write_json(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
+    doc = {name: {r.state: r.to_json() for r in rows} for name, rows in data.items()}
+    json.dump(doc, out, indent=2, ensure_ascii=False)
+    out.write("\n")
+
+
+def mermaid_text(spec: StateMachine, rows: Iterable[StateRow], db_name: str = "") -> str:
+    """The machine's diagram with ``"State (count)"`` labels, its edges (with labels) and ``[*]`` edges;
+    reads back with ``crm_states.mermaid.parse_diagram`` to the same states and edges."""
+    by_state = {r.state: r for r in rows}
+    labels = dict(spec.diagram.labels)
+    lines = ["stateDiagram-v2",
+             f"%% {spec.name}: profiles per state" + (f" in database {db_name}" if db_name else "")
+             + " (crm-states report --mermaid)"]
+    for state in spec.diagram.states:
+        count = by_state[state].count if state in by_state else 0
+        label = labels.get(state, state).replace('"', "'")
+        lines.append(f'state "{label} ({count:,})" as {state}')
+    lines.append(f"[*] --> {spec.diagram.initial}")
+    for edge in spec.diagram.edges:
+        lines.append(f"{edge.source} --> {edge.dest}" + (f": {edge.label}" if edge.label else ""))
+    for state in spec.diagram.states:
+        if state in spec.diagram.finals:
+            lines.append(f"{state} --> [*]")
+    unknown = [r for r in by_state.values() if r.kind == UNKNOWN and r.count]
+    for r in unknown:
+        lines.append(f"%% not in the diagram: {' '.join(r.state.split())} ({r.count:,})")  # one line, whatever it holds
+    for kind, (cls, style) in _STYLES.items():
+        members = [s for s in spec.diagram.states if kind_of(spec, s) == kind]
+        if members:
+            lines.append(f"classDef {cls} {style}")
+            lines.append(f"class {','.join(members)} {cls}")
+    return "\n".join(lines) + "\n"
+
+
+def export_csv(db: Database, machine: str, state: str, out: TextIO) -> int:
+    """Stream the profiles of ``machine`` now in ``state`` (oldest first) into ``out`` as CSV; returns the
+    number of profiles written."""
+    field = state_field(machine)
+    projection = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
+                  "sf_app_user_id": 1, "CrmLog": {"$slice": -1}, f"{field}.at": 1}
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    n = 0
+    for profile in Store(db).profiles_in_state(machine, state, projection=projection):
+        log = profile.get("CrmLog")
+        if isinstance(log, list):
+            log = log[-1] if log else None
+        since = ((profile.get("crm_state") or {}).get(machine) or {}).get("at")
+        writer.writerow([_cell(profile.get("id")), _cell(profile.get("nationbuilder_id")), _cell(profile.get("email")),
+                         _cell(profile.get("first_name")), _cell(profile.get("last_name")),
+                         _cell(profile.get("sf_app_user_id")), _cell(log), _cell(since)])
+        n += 1
+    return n
+
+
+# --- the command ------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """The ``report`` subcommand's own flags (the database flags are added by the CLI)."""
+    parser.description = textwrap.fill(
+        "Count the profiles in each state of each machine, with the oldest and newest time a profile entered "
+        "it and, for failure states, what to do about them (the design document's notes). Exports the profiles "
+        "of one state as CSV, or draws a machine's diagram with its counts.", width=78)
+    parser.epilog = ("examples:\n"
+                     "  crm-states report\n"
+                     "  crm-states report --json --machine new_user_signup\n"
+                     "  crm-states report --state WroteNotFound --csv not_found.csv\n"
+                     "  crm-states report --machine nb_profile_validation --mermaid")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    known = ", ".join(MACHINES)
+    parser.add_argument("--machine", metavar="M", help=f"only this machine ({known}; default all)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON document: machine -> state -> {count, oldest, newest, kind, note}")
+    parser.add_argument("--state", metavar="S", help="with --csv: the state whose profiles to export "
+                                                     "(needs --machine when S is in several machines)")
+    parser.add_argument("--csv", metavar="FILE", help=f"export the profiles in --state as CSV "
+                                                      f"({', '.join(CSV_COLUMNS)}); - for stdout")
+    parser.add_argument("--mermaid", action="store_true",
+                        help="print the --machine's stateDiagram-v2 with each state's count in its label")
+
+
+def run_report(db: Database, args: argparse.Namespace, out: TextIO) -> int:
+    from .cli import EXIT_OK
+
+    machines, state = _check(args)
+    try:
+        if state is not None:
+            return _run_csv(db, machines[0], state, args.csv, out)
+        data = collect(db, machines)
+        if getattr(args, "mermaid", False):
+            out.write(mermaid_text(MACHINES[machines[0]], data[machines[0]], db.name))
+        elif getattr(args, "json", False):
+            write_json(data, out)
+        else:
+            write_text(data, out)
+        out.flush()
+    except BrokenPipeError:  # `crm-states report ... | head`: the reader has what it wanted
+        _discard_output(out)
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The machines to report on and the state to export, or ``CliError`` for a bad combination."""
+    from .cli import CliError
+
+    machine = getattr(args, "machine", None)
+    state = getattr(args, "state", None)
+    csv_to = getattr(args, "csv", None)
+    as_json = getattr(args, "json", False)
+    as_mermaid = getattr(args, "mermaid", False)
+    known = ", ".join(MACHINES)
+    if machine is not None and machine not in MACHINES:
+        raise CliError(f"unknown machine {machine!r}; known machines: {known}")
+    if as_json and as_mermaid:
+        raise CliError("--json and --mermaid are two different outputs: choose one")
+    if csv_to is not None and state is None:
+        raise CliError("--csv needs --state S: the state whose profiles to export")
+    if state is not None and csv_to is None:
+        raise CliError(f"--state {state} selects the profiles to export: add --csv FILE (- for stdout)")
+    if csv_to is not None and (as_json or as_mermaid):
+        raise CliError("--csv writes the profiles of one state; it cannot be combined with --json or --mermaid")
+    if as_mermaid and machine is None:
+        raise CliError(f"--mermaid draws one machine's diagram: add --machine ({known})")
+    if state is None:
+        return ([machine] if machine else list(MACHINES)), None
+    if machine is not None:
+        states = MACHINES[machine].diagram.states
+        if state not in states:
+            raise CliError(f"{machine} has no state {state!r}; its states: {', '.join(states)}")
+        return [machine], state
+    owners = [name for name, spec in MACHINES.items() if state in spec.diagram.states]
+    if not owners:
+        listing = "; ".join(f"{name}: {', '.join(spec.diagram.states)}" for name, spec in MACHINES.items())
+        raise CliError(f"no machine has a state {state!r}; states: {listing}")
+    if len(owners) > 1:
+        raise CliError(f"state {state!r} is in several machines ({', '.join(owners)}): add --machine")
+    return owners, state
+
+
+def _run_csv(db: Database, machine: str, state: str, dest: str, out: TextIO) -> int:
+    from .cli import EXIT_OK, CliError
+
+    if dest == "-":
+        if hasattr(out, "reconfigure") and str(getattr(out, "encoding", "utf-8")).lower().replace("-", "") != "utf8":
+            out.reconfigure(encoding="utf-8")  # the CSV is UTF-8 whatever the locale says
+        export_csv(db, machine, state, out)
+        out.flush()
+        return EXIT_OK
+    path = Path(dest)
+    # Written beside the target and renamed into place: a failed export never leaves half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                n = export_csv(db, machine, state, f)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise CliError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    print(f"{n} profiles of {machine} in {state} written to {dest}", file=out)
+    return EXIT_OK
+
+
+def _discard_output(out: TextIO) -> None:
+    """After a closed pipe, point ``out`` at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a StringIO in tests)
+        pass
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return iso(value)
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return iso(value)
+    return str(value)
