@@ -103,11 +103,18 @@ class CrmStates:
         engine = self.engine(nb_profile_validation.NAME)
         return engine.drive([engine.prepare(p, restart=restart) for p in profiles])
 
-    def profiles_in_state(self, machine_name: str, state: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
+    def redrive(self, machine_name: str, profiles: Sequence[Mapping[str, Any]]) -> list[RunResult]:
+        """Drive a batch of profiles again: a new run from [*] for those in a terminal state (using the
+        journaled CRM result where a DB-failure state holds one), the stopped run for the others."""
+        engine = self.engine(machine(machine_name).name)
+        return engine.drive([engine.prepare(p, restart=True) for p in profiles])
+
+    def profiles_in_state(self, machine_name: str, state: str, *, limit: int = 0,
+                          projection: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         spec = machine(machine_name)
         if state not in spec.diagram.states:
             raise ValueError(f"{machine_name} has no state {state!r}; states: {', '.join(spec.diagram.states)}")
-        return self.store.profiles_in_state(machine_name, state, limit=limit)
+        return self.store.profiles_in_state(machine_name, state, limit=limit, projection=projection)
 
     def history(self, profile_id: int, machine_name: str) -> list[Transition]:
         return self.store.history(check_profile_id(profile_id), machine(machine_name).name)

@@ -1,6 +1,6 @@
 """The ``crm-states`` command. Each subcommand says what it does in ``--help``; exit codes:
 0 done, 1 finished with problems to look at, 2 bad usage or configuration, 3 database unreachable,
-4 stopped by the CRM's API limit (run again later to resume)."""
+4 stopped early by the CRM's API limit or --max-api-calls (run again to resume)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
@@ -82,11 +84,125 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import print_counts
+    from .report import run_report
 
     with database(args) as db:
-        print_counts(db, sys.stdout)
+        return run_report(db, args, sys.stdout)
+
+
+def _crm() -> Any:
+    """The CRM named by ``CRM_TYPE`` and Sefaria's settings; a missing setting is a usage error."""
+    from .crm import CrmConfigError, crm_from_env
+
+    try:
+        return crm_from_env()
+    except CrmConfigError as exc:
+        raise CliError(f"CRM configuration: {exc}") from exc
+
+
+def _app(db: Database, args: argparse.Namespace) -> Any:
+    from .api import CrmStates
+
+    journal = os.environ.get("CRM_STATES_JOURNAL") or str(Path(args.data_dir) / "journal.jsonl")
+    return CrmStates.open(db, _crm(), journal_path=journal)
+
+
+def cmd_validate_nb(args: argparse.Namespace) -> int:
+    from .runner import RunnerConfig, ValidationRunner
+
+    config = RunnerConfig(chunk_size=args.chunk_size, concurrency=args.concurrency, limit=args.limit,
+                          dry_run=args.dry_run, max_api_calls=args.max_api_calls, lease_seconds=args.lease_seconds)
+    with database(args) as db:
+        report = ValidationRunner(_app(db, args), config).run()
+    print(f"{report.processed} of {report.pending_at_start} pending profiles validated in {report.seconds:.1f}s "
+          f"({report.rate:.0f}/s, {report.lookups} batched lookups)")
+    for state, count in sorted(report.states.items()):
+        print(f"  {state:<30} {count:>8}")
+    problems = {k: v for k, v in report.outcomes.items() if k in ("interrupted", "conflict")}
+    if problems:
+        print("  not finished: " + ", ".join(f"{v} {k}" for k, v in sorted(problems.items())))
+    if report.skipped_ranges:
+        print(f"  {report.skipped_ranges} id ranges were leased by another runner")
+    if report.stopped:
+        print(f"stopped: {report.stopped}")
+        if not args.dry_run:
+            print("run `crm-states validate-nb` again to resume where this run stopped")
+            return EXIT_LIMIT
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def cmd_signup(args: argparse.Namespace) -> int:
+    with database(args) as db:
+        result = _app(db, args).run_signup(args.user_id, email=args.email, first_name=args.first_name,
+                                           last_name=args.last_name, lang=args.lang, educator=args.educator)
+    print(f"user {args.user_id}: {result.state} ({result.outcome}{': ' + result.error if result.error else ''})")
+    return EXIT_OK if result.state == "WroteSalesforceAppUserUid" else EXIT_PROBLEMS
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .api import machine
+
+    spec = _known(machine, args.machine)
+    if args.state not in spec.diagram.states:
+        raise CliError(f"{args.machine} has no state {args.state!r}; states: {', '.join(spec.diagram.states)}")
+    if args.state in spec.diagram.finals:
+        raise CliError(f"{args.state} is the final state of {args.machine}: nothing to resume")
+    outcomes: Counter[str] = Counter()
+    with database(args) as db:
+        app = _app(db, args)
+        # Ids first: a re-driven profile may land in the same state again and must not be met twice.
+        ids = [p["id"] for p in app.profiles_in_state(args.machine, args.state, limit=args.limit or 0,
+                                                      projection={"_id": 0, "id": 1})]
+        for start in range(0, len(ids), 1000):
+            batch = list(app.store.profiles.find({"id": {"$in": ids[start:start + 1000]},
+                                                  f"crm_state.{args.machine}.state": args.state}))
+            outcomes.update(r.state or "not started" for r in app.redrive(args.machine, batch))
+    print(f"{sum(outcomes.values())} profiles in {args.state} re-driven:")
+    for state, count in sorted(outcomes.items()):
+        print(f"  {state:<30} {count:>8}")
     return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .journal import replay_file
+    from .store import Store
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    with database(args) as db:
+        report = replay_file(Store(db), path)
+    print(f"{report.entries} journal entries: {report.applied} applied, {report.unchanged} already applied; "
+          f"{report.skipped_lines} other lines skipped")
+    for entry_id, error in report.failed:
+        print(f"  failed {entry_id}: {error}")
+    return EXIT_PROBLEMS if report.failed else EXIT_OK
+
+
+def cmd_load_log(args: argparse.Namespace) -> int:
+    from .crm import load_log
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    report = load_log(path, _crm())
+    print(f"sent {report.total_sent} CRM writes from {path}: "
+          + ", ".join(f"{n} {method}" for method, n in sorted(report.sent.items())))
+    print(f"  {report.skipped_already_loaded} already loaded, {report.invalid_lines} invalid lines, "
+          f"{len(report.failed)} failed, {len(report.created)} app users created")
+    for entry_id, error in report.failed:
+        print(f"  failed {entry_id}: {error}")
+    if report.stopped:
+        print(f"stopped: {report.stopped}; run the same command again later to load the rest")
+        return EXIT_LIMIT
+    return EXIT_PROBLEMS if report.failed else EXIT_OK
+
+
+def _known(lookup: Callable[[str], Any], name: str) -> Any:
+    try:
+        return lookup(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +219,64 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="random seed of the synthetic data and faults")
     demo.set_defaults(func=cmd_demo)
 
+    validate = sub.add_parser("validate-nb", help="validate every pending profile that has a nationbuilder_id",
+                              description="Stream profiles whose nationbuilder_id is truthy and whose validation is "
+                                          "not finished, claim id ranges with expiring leases, and drive each range "
+                                          "through the nb_profile_validation machine with one batched CRM lookup. "
+                                          "Safe to run several at once and to kill at any time: run it again to "
+                                          "resume. The CRM comes from CRM_TYPE and Sefaria's settings.")
+    _common(validate)
+    validate.add_argument("--chunk-size", type=_positive, default=1000, help="profiles per range (default 1000)")
+    validate.add_argument("--concurrency", type=_positive, default=2, help="ranges worked at once (default 2)")
+    validate.add_argument("--limit", type=_positive, help="stop after this many profiles")
+    validate.add_argument("--dry-run", action="store_true", help="count pending profiles; claim, send, write nothing")
+    validate.add_argument("--max-api-calls", type=_positive, help="stop once the CRM reports this many API calls "
+                                                                  "used by this run (Salesforce's Sforce-Limit-Info), "
+                                                                  "or this many batched lookups")
+    validate.add_argument("--lease-seconds", type=float, default=300.0, help="how long a range lease lasts")
+    validate.set_defaults(func=cmd_validate_nb)
+
+    signup_cmd = sub.add_parser("signup", help="run the new-user signup machine for one user",
+                                description="What Sefaria's signup hook calls: create the app user in the CRM "
+                                            "and save its id. Safe to repeat: never creates a second app user.")
+    _common(signup_cmd)
+    signup_cmd.add_argument("--user-id", type=int, required=True, help="Sefaria user id (profiles.id)")
+    signup_cmd.add_argument("--email", help="default: the profile's email")
+    signup_cmd.add_argument("--first-name")
+    signup_cmd.add_argument("--last-name")
+    signup_cmd.add_argument("--lang", default="en", choices=["en", "he"])
+    signup_cmd.add_argument("--educator", action="store_true")
+    signup_cmd.set_defaults(func=cmd_signup)
+
+    resume = sub.add_parser("resume", help="re-drive profiles stuck in a state",
+                            description="A new run from [*] for profiles in a stopped state (the CRM is asked "
+                                        "again), the journaled CRM result written without asking the CRM again for "
+                                        "DB-failure states, and the stopped run continued for mid-way states.")
+    _common(resume)
+    resume.add_argument("--machine", required=True, help="nb_profile_validation or new_user_signup")
+    resume.add_argument("--state", required=True, help="the state whose profiles to re-drive")
+    resume.add_argument("--limit", type=_positive, help="at most this many profiles")
+    resume.set_defaults(func=cmd_resume)
+
+    replay = sub.add_parser("replay", help="apply journaled DB writes (a JSONL journal or an application log)",
+                            description="Apply every journal entry in FILE idempotently: replaying twice changes "
+                                        "nothing more. Lines that are not journal entries are skipped and counted.")
+    _common(replay)
+    replay.add_argument("file", help="journal JSONL or application log")
+    replay.set_defaults(func=cmd_replay)
+
+    load = sub.add_parser("load-log", help="load the interim CRM log (CRM_TYPE=LOG) into the CRM",
+                          description="The migration's 'load log data to Salesforce': send every entry of the log "
+                                      "once (a second load sends nothing twice) to the CRM named by CRM_TYPE.")
+    load.add_argument("file", help="the CRM_LOG_PATH file")
+    load.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    load.set_defaults(func=cmd_load_log)
+
+    from .report import configure_parser as configure_report
+
     report = sub.add_parser("report", help="count profiles in each state of each machine")
     _common(report)
+    configure_report(report)
     report.set_defaults(func=cmd_report)
     return parser
 

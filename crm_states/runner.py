@@ -1,0 +1,233 @@
+"""The batch runner for NationBuilder-profile validation (``crm-states validate-nb``).
+
+It streams the ids of profiles whose ``nationbuilder_id`` is truthy and whose validation is not finished
+(a cursor, never the collection in memory), cuts them into id ranges, claims each range with an expiring
+lease, and drives the range's profiles through the machine in one batch: one batched CRM lookup and bulk
+writes per range. Killed at any instant and started again, it finishes the job: finished profiles are
+skipped, half-done ones are continued, and the store's compare-and-set rules out a transition twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import attrs
+
+from machines import nb_profile_validation as nb
+
+from .api import CrmStates
+from .engine import RunResult
+from .leases import LEASES, RangeLeases
+from .store import state_field
+
+log = logging.getLogger("crm_states.runner")
+
+PROJECTION = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
+              state_field(nb.NAME): 1}
+
+
+def pending_filter() -> dict[str, Any]:
+    """Profiles with a truthy ``nationbuilder_id`` whose validation has not reached a terminal state."""
+    return {"nationbuilder_id": {"$nin": [None, False, 0, ""]},
+            f"{state_field(nb.NAME)}.state": {"$nin": sorted(nb.SPEC.terminal)}}
+
+
+@attrs.frozen
+class RunnerConfig:
+    chunk_size: int = 1000
+    concurrency: int = 2
+    limit: int | None = None
+    dry_run: bool = False
+    max_api_calls: int | None = None
+    lease_seconds: float = 300.0
+
+
+@attrs.define
+class RunnerReport:
+    """What a run did. ``stopped`` says why it ended early (the CRM's limit, ``--max-api-calls``)."""
+
+    pending_at_start: int = 0
+    processed: int = 0
+    states: Counter[str] = attrs.field(factory=Counter)
+    outcomes: Counter[str] = attrs.field(factory=Counter)
+    lookups: int = 0
+    skipped_ranges: int = 0
+    stopped: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.seconds if self.seconds else 0.0
+
+
+class Progress:
+    """A tqdm bar on a terminal; periodic plain log lines otherwise."""
+
+    def __init__(self, total: int, *, stream: Any = None, every: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.every = every
+        self.started = self.last = time.monotonic()
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="profile", file=self.stream, dynamic_ncols=True)
+
+    def update(self, done: int, report: RunnerReport) -> None:
+        if self.bar is not None:
+            self.bar.update(done)
+            self.bar.set_postfix_str(_states_line(report.states), refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = report.processed / max(now - self.started, 1e-9)
+            eta = (self.total - report.processed) / rate if rate else float("inf")
+            log.warning("validated %d/%d profiles, %.0f/s, ETA %.0fs; %s", report.processed, self.total, rate, eta,
+                        _states_line(report.states))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _states_line(states: Mapping[str, int]) -> str:
+    return ", ".join(f"{state} {count}" for state, count in sorted(states.items()))
+
+
+class ValidationRunner:
+    """Validates every pending NationBuilder profile; several may run at once on one database."""
+
+    def __init__(self, app: CrmStates, config: RunnerConfig = RunnerConfig(), *,
+                 progress: Callable[[int], Progress] | None = None) -> None:
+        self.app = app
+        self.config = config
+        self.profiles = app.store.profiles
+        self.leases = RangeLeases(app.store.db[LEASES], nb.NAME, seconds=config.lease_seconds)
+        self.make_progress = progress or (lambda total: Progress(total))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._api_start = self._api_used()
+
+    # --- the run --------------------------------------------------------------------------------
+    def run(self) -> RunnerReport:
+        started = time.monotonic()
+        report = RunnerReport(pending_at_start=self.profiles.count_documents(pending_filter()))
+        if self.config.dry_run:
+            report.processed = min(report.pending_at_start, self.config.limit or report.pending_at_start)
+            report.stopped = "dry run: nothing was claimed, sent or written"
+            return report
+        base, width = self.leases.agree_ranges(self.config.chunk_size, *self._proposed_ranges(report.pending_at_start))
+        progress = self.make_progress(min(report.pending_at_start, self.config.limit or report.pending_at_start))
+        budget = self.config.limit
+        in_flight: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="validate") as pool:
+            try:
+                for index, ids in self._ranges(base, width):
+                    if self._stop.is_set() or budget == 0:
+                        break
+                    if not self._within_api_budget(report):
+                        break
+                    if not self.leases.claim(index):
+                        report.skipped_ranges += 1
+                        continue
+                    take = ids if budget is None else ids[:budget]
+                    budget = None if budget is None else budget - len(take)
+                    bounds = (base + index * width, base + (index + 1) * width)
+                    in_flight.append(pool.submit(self._validate_range, index, bounds, len(take), report, progress))
+                    while len(in_flight) >= self.config.concurrency * 2:
+                        in_flight.popleft().result()
+                while in_flight:
+                    in_flight.popleft().result()
+            finally:
+                self._stop.set()
+                for future in in_flight:
+                    future.cancel()
+                progress.close()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _proposed_ranges(self, pending: int) -> tuple[int, int]:
+        """Ranges starting at the first pending id, wide enough for about ``chunk_size`` pending profiles."""
+        first = self.profiles.find_one(pending_filter(), {"id": 1}, sort=[("id", 1)])
+        last = self.profiles.find_one(pending_filter(), {"id": 1}, sort=[("id", -1)])
+        if not first or not last or pending == 0:
+            return 0, self.config.chunk_size
+        span = int(last["id"]) - int(first["id"]) + 1
+        return int(first["id"]), max(self.config.chunk_size, round(self.config.chunk_size * span / pending))
+
+    def _ranges(self, base: int, width: int) -> Iterator[tuple[int, list[int]]]:
+        """``(range index, pending ids in it)`` in id order, from a cursor over ids only."""
+        cursor = self.profiles.find(pending_filter(), {"_id": 0, "id": 1}).sort("id", 1).batch_size(
+            self.config.chunk_size)
+        current: int | None = None
+        ids: list[int] = []
+        for doc in cursor:
+            pid = doc.get("id")
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                log.warning("skipping a profile whose id is not an int: %r", pid)
+                continue
+            index = (pid - base) // width
+            if current is not None and index != current:
+                yield current, ids
+                ids = []
+            current = index
+            ids.append(pid)
+        if current is not None:
+            yield current, ids
+
+    def _validate_range(self, index: int, bounds: tuple[int, int], count: int, report: RunnerReport,
+                        progress: Progress) -> None:
+        try:
+            if self._stop.is_set():
+                return
+            # A range query, read after the lease was taken: fresh positions, and far cheaper than $in.
+            where = {**pending_filter(), "id": {"$gte": bounds[0], "$lt": bounds[1]}}
+            profiles = list(self.profiles.find(where, PROJECTION).sort("id", 1).limit(count))
+            results = self.app.validate_profiles(profiles) if profiles else []
+            retry = [r.profile_id for r in results if r.outcome == "conflict"]
+            if retry:  # a crashed run's documents were rolled forward: continue from where they stand
+                again = list(self.profiles.find({**pending_filter(), "id": {"$in": retry}}, PROJECTION))
+                redone = {r.profile_id: r for r in self.app.validate_profiles(again)}
+                results = [redone.get(r.profile_id, r) for r in results]
+            self._record(results, report, progress)
+        finally:
+            self.leases.release(index)
+
+    def _record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
+        with self._lock:
+            report.lookups += 1
+            for result in results:
+                report.outcomes[result.outcome] += 1
+                if result.outcome == "finished" and result.state:
+                    report.states[result.state] += 1
+                if result.outcome == "halted" and not report.stopped:
+                    report.stopped = result.error or "halted"
+                    self._stop.set()
+            done = sum(1 for r in results if r.outcome != "halted")
+            report.processed += done
+            progress.update(done, report)
+
+    # --- the API budget -------------------------------------------------------------------------
+    def _api_used(self) -> int | None:
+        usage = getattr(self.app.crm, "api_usage", None)
+        return usage[0] if usage else None
+
+    def _within_api_budget(self, report: RunnerReport) -> bool:
+        if self.config.max_api_calls is None:
+            return True
+        used_now = self._api_used()
+        used = (used_now - self._api_start) if used_now is not None and self._api_start is not None \
+            else report.lookups
+        if used >= self.config.max_api_calls:
+            report.stopped = f"--max-api-calls {self.config.max_api_calls} reached ({used} used)"
+            return False
+        return True
