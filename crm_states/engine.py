@@ -29,7 +29,7 @@ from transitions import Machine
 
 from .journal import Journal, JournalEntry
 from .mermaid import Diagram, read_diagram
-from .records import START, Position, ProfileWrite, Transition, utcnow
+from .records import START, Position, ProfileWrite, Transition, new_run_id, utcnow
 from .store import ConcurrentTransition, Step, Store, StoreError, position_of
 
 log = logging.getLogger("crm_states.engine")
@@ -139,12 +139,6 @@ def trigger_name(label: str | None, dest: str) -> str:
         return f"to_{dest}"
     slug = re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
     return slug if slug and not slug[0].isdigit() else f"on_{slug}"
-
-
-def new_run_id(profile_id: int, first_seq: int) -> str:
-    """A run is named by its profile and first seq: writers starting a run from the same position
-    name it alike, which is what makes the store's unique key a compare-and-set."""
-    return f"{profile_id}-{first_seq}"
 
 
 class StateMachine:

@@ -78,8 +78,8 @@ class Transition:
     @property
     def key(self) -> str:
         """The document's ``_id``: the natural key (machine, profile_id, seq, run_id), so its uniqueness
-        needs no index beyond ``_id``; seq is zero-padded so a profile's documents sort by seq."""
-        return f"{history_prefix(self.machine, self.profile_id)}{self.seq:010d}:{self.run_id}"
+        needs no index beyond ``_id``."""
+        return transition_key(self.machine, self.profile_id, self.seq, self.run_id)
 
     def to_doc(self) -> dict[str, Any]:
         doc = {
@@ -124,6 +124,16 @@ class Transition:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Transition:
         return cls.from_doc({**doc, "at": dt.datetime.fromisoformat(str(doc["at"]).replace("Z", "+00:00"))})
+
+
+def new_run_id(profile_id: int, first_seq: int) -> str:
+    """A run is named by its profile and first seq: writers starting a run from the same position
+    name it alike, which is what makes the store's unique key a compare-and-set."""
+    return f"{profile_id}-{first_seq}"
+
+
+def transition_key(machine: str, profile_id: int, seq: int, run_id: str) -> str:
+    return f"{history_prefix(machine, profile_id)}{seq:010d}:{run_id}"
 
 
 def history_prefix(machine: str, profile_id: int) -> str:

@@ -99,6 +99,12 @@ class Progress:
             self.bar.close()
 
 
+def _reap(in_flight: deque[Future[None]]) -> None:
+    """Drop finished ranges from the front, raising what a range raised."""
+    while in_flight and in_flight[0].done():
+        in_flight.popleft().result()
+
+
 def _states_line(states: Mapping[str, int]) -> str:
     return ", ".join(f"{state} {count}" for state, count in sorted(states.items()))
 
@@ -134,7 +140,8 @@ class ValidationRunner:
                 for index, ids in self._ranges(base, width):
                     if self._stop.is_set() or budget == 0:
                         break
-                    if not self._within_api_budget(report):
+                    _reap(in_flight)
+                    if not self._within_api_budget(report, reserved=len(in_flight)):
                         break
                     if not self.leases.claim(index):
                         report.skipped_ranges += 1
@@ -193,14 +200,22 @@ class ValidationRunner:
             where = {**pending_filter(), "id": {"$gte": bounds[0], "$lt": bounds[1]}}
             profiles = list(self.profiles.find(where, PROJECTION).sort("id", 1).limit(count))
             results = self.app.validate_profiles(profiles) if profiles else []
-            retry = [r.profile_id for r in results if r.outcome == "conflict"]
-            if retry:  # a crashed run's documents were rolled forward: continue from where they stand
-                again = list(self.profiles.find({**pending_filter(), "id": {"$in": retry}}, PROJECTION))
-                redone = {r.profile_id: r for r in self.app.validate_profiles(again)}
-                results = [redone.get(r.profile_id, r) for r in results]
+            if any(r.outcome == "conflict" for r in results):
+                results = self._after_conflicts(results)
             self._record(results, report, progress)
         finally:
             self.leases.release(index)
+
+    def _after_conflicts(self, results: list[RunResult]) -> list[RunResult]:
+        """A conflict here means a killed run's documents were just rolled forward: a profile that is now
+        finished counts as finished, one left half-way is continued once from where it stands."""
+        settled = {r.profile_id: r for r in results
+                   if r.outcome == "conflict" and r.state in nb.SPEC.terminal}
+        retry = [r.profile_id for r in results if r.outcome == "conflict" and r.profile_id not in settled]
+        again = list(self.profiles.find({**pending_filter(), "id": {"$in": retry}}, PROJECTION)) if retry else []
+        redone = {r.profile_id: r for r in self.app.validate_profiles(again)} if again else {}
+        return [redone.get(r.profile_id) or (RunResult(r.profile_id, r.state, "finished")
+                                             if r.profile_id in settled else r) for r in results]
 
     def _record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
         with self._lock:
@@ -221,13 +236,14 @@ class ValidationRunner:
         usage = getattr(self.app.crm, "api_usage", None)
         return usage[0] if usage else None
 
-    def _within_api_budget(self, report: RunnerReport) -> bool:
+    def _within_api_budget(self, report: RunnerReport, reserved: int) -> bool:
+        """Room for one more range's lookup, counting one call for each range still in flight."""
         if self.config.max_api_calls is None:
             return True
         used_now = self._api_used()
         used = (used_now - self._api_start) if used_now is not None and self._api_start is not None \
             else report.lookups
-        if used >= self.config.max_api_calls:
+        if used + reserved >= self.config.max_api_calls:
             report.stopped = f"--max-api-calls {self.config.max_api_calls} reached ({used} used)"
             return False
         return True

@@ -12,8 +12,9 @@ Layout (Sefaria's ``profiles`` collection, extended):
 position a transition leaves (the run it continues, or ``"<profile_id>-<seq>"`` for a run it starts), so
 the unique key (profile_id, machine, run_id, seq) of transition ``seq = n + 1`` is the same for every
 writer moving a profile from ``n``: inserting it claims the right to move the profile. That key is the
-document's ``_id`` (``<machine>:<profile_id>:<seq>:<run_id>``, seq zero-padded), so it is unique without a
-secondary index and a profile's history is an ``_id`` range in seq order. The transition document is the commit record; the profile update (guarded by the old
+document's ``_id`` (``<machine>:<profile_id>:<seq>:<run_id>``), so it is unique without a secondary index
+(each one costs every insert), and the document after a position is one of two known ``_id``s (the run
+continued, or a new run begun): history and roll-forward walk the chain by ``_id`` lookups. The transition document is the commit record; the profile update (guarded by the old
 ``seq``) follows. A crash between the two leaves a document the profile did not follow; ``settle``
 finds and applies it, exactly once, and removes documents that do not chain onto the profile's state.
 """
@@ -30,7 +31,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
-from .records import START, Position, ProfileWrite, Transition, history_prefix
+from .records import START, Position, ProfileWrite, Transition, new_run_id, transition_key
 
 log = logging.getLogger("crm_states.store")
 
@@ -166,13 +167,28 @@ class Store:
         return {row["_id"]: row["n"] for row in self.profiles.aggregate(pipeline)}
 
     def history(self, profile_id: int, machine: str) -> list[Transition]:
-        return [Transition.from_doc(d) for d in self._history_docs(profile_id, machine)]
+        """A profile's transitions in one machine, in seq order."""
+        return self._chain(profile_id, machine, Position())
 
-    def _history_docs(self, profile_id: int, machine: str, after_seq: int = 0) -> list[dict[str, Any]]:
-        """A profile's transition documents in seq order: one range of ``_id``."""
-        prefix = history_prefix(machine, profile_id)
-        docs = self.transitions.find({"_id": {"$gt": f"{prefix}{after_seq:010d};", "$lt": prefix[:-1] + ";"}})
-        return list(docs.sort("_id", ASCENDING))
+    def _chain(self, profile_id: int, machine: str, position: Position) -> list[Transition]:
+        """The transition documents that continue ``position``, in order. Each next document has one of
+        two ``_id``s; one found there that does not chain (a refused writer's leftover) is removed."""
+        chain: list[Transition] = []
+        while True:
+            keys = [transition_key(machine, profile_id, position.seq + 1, new_run_id(profile_id, position.seq + 1))]
+            if position.run_id:
+                keys.append(transition_key(machine, profile_id, position.seq + 1, position.run_id))
+            found = [Transition.from_doc(d) for d in self.transitions.find({"_id": {"$in": keys}})]
+            following = [t for t in found if _chains(position, [t])]
+            for stray in (t for t in found if t not in following):
+                log.warning("profile %s %s: dropping transition seq %d that does not chain onto %s", profile_id,
+                            machine, stray.seq, position.state)
+                self.transitions.delete_one({"_id": stray.key})
+            if not following:
+                return chain
+            t = following[0]
+            chain.append(t)
+            position = Position(t.dest, t.run_id, t.seq, dict(t.detail))
 
     # --- the compare-and-set ------------------------------------------------------------------
     def commit(self, steps: Sequence[Step]) -> list[StoreError | None]:
@@ -228,8 +244,8 @@ class Store:
     def _conflict(self, step: Step) -> ConcurrentTransition:
         try:
             now = self.settle(step.profile_id, step.machine)
-            docs = self._history_docs(step.profile_id, step.machine, after_seq=max(now.seq - 1, 0))
-            last = next((d for d in docs if d["seq"] == now.seq), None)
+            last = self.transitions.find_one(
+                {"_id": transition_key(step.machine, step.profile_id, now.seq, now.run_id or "")}, {"by": 1})
         except (StoreError, PyMongoError):
             now, last = Position(), None
         return ConcurrentTransition(
@@ -267,19 +283,7 @@ class Store:
             if profile is None:
                 raise ProfileNotFound(f"no profile with id {profile_id!r}")
             position = position_of(profile, machine)
-            ahead = [Transition.from_doc(d) for d in self._history_docs(profile_id, machine, after_seq=position.seq)]
-            if not ahead:
-                return position
-            chain: list[Transition] = []
-            for t in ahead:
-                if not _chains(position, [*chain, t]):
-                    break
-                chain.append(t)
-            stray = [t.seq for t in ahead[len(chain):]]
-            if stray:
-                log.warning("profile %s %s: dropping %d transition documents that do not chain (seq %s)",
-                            profile_id, machine, len(stray), stray)
-                self.transitions.delete_many({"_id": {"$in": [t.key for t in ahead[len(chain):]]}})
+            chain = self._chain(profile_id, machine, position)
             if not chain:
                 return position
             result = self.profiles.update_one(_cas_filter(profile_id, machine, position),

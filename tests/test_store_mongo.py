@@ -13,8 +13,7 @@ from pymongo import MongoClient
 from crm_states.api import CrmStates
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, read_entries, replay_file
-from crm_states.records import START, Transition, utcnow
-from crm_states.engine import new_run_id
+from crm_states.records import START, Transition, new_run_id, utcnow
 from crm_states.store import ConcurrentTransition, ProfileNotFound, Store, Step, position_of
 from crm_states.testing.mongo import MongoServer
 from machines import nb_profile_validation as nb
@@ -120,9 +119,10 @@ def test_crash_between_the_two_writes_is_rolled_forward_once(app: CrmStates, db,
     db.profiles.insert_one({"id": 20, "nationbuilder_id": 2020})
     crm.add_app_user(nationbuilder_id=2020)
     at = utcnow()
-    dangling = [Transition(20, nb.NAME, "crashed-run", 1, START, "NotChecked", "start", at),
-                Transition(20, nb.NAME, "crashed-run", 2, "NotChecked", "RequestedContact",
-                           nb.SPEC.triggers[("NotChecked", "RequestedContact")], at, {"nationbuilder_id": 2020})]
+    run = new_run_id(20, 1)
+    dangling = [Transition(20, nb.NAME, run, 1, START, "NotChecked", "start", at, by="crashed"),
+                Transition(20, nb.NAME, run, 2, "NotChecked", "RequestedContact",
+                           nb.SPEC.triggers[("NotChecked", "RequestedContact")], at, {"nationbuilder_id": 2020}, by="crashed")]
     db.crm_transitions.insert_many([t.to_doc() for t in dangling])
     assert position_of(db.profiles.find_one({"id": 20}), nb.NAME).state is None
 
@@ -130,14 +130,16 @@ def test_crash_between_the_two_writes_is_rolled_forward_once(app: CrmStates, db,
 
     assert result.state == "WroteSalesforceAppUserUid"
     history = app.history(20, nb.NAME)
-    assert [t.run_id for t in history] == ["crashed-run"] * 4  # continued, not duplicated
+    assert [t.run_id for t in history] == [run] * 4  # continued, not duplicated
+    assert [t.by for t in history][:2] == ["crashed", "crashed"]
     assert_history_is_path(nb.SPEC, history)
 
 
 def test_documents_that_do_not_chain_are_dropped(app: CrmStates, db) -> None:
     db.profiles.insert_one({"id": 21, "nationbuilder_id": 2121})
-    stray = Transition(21, nb.NAME, "other", 1, "OkResponse", "WroteSalesforceAppUserUid", "db_write_success",
-                       utcnow())
+    # A leftover at the slot of seq 1 that does not start a run (a refused writer's document).
+    stray = Transition(21, nb.NAME, new_run_id(21, 1), 1, "OkResponse", "WroteSalesforceAppUserUid",
+                       "db_write_success", utcnow())
     db.crm_transitions.insert_one(stray.to_doc())
     assert app.validate_profile(21).state == "WroteNotFound"
     assert_history_is_path(nb.SPEC, app.history(21, nb.NAME))

@@ -1,0 +1,155 @@
+"""The validate-nb batch runner: batching, leases, limits, several runners at once, SIGKILL at random."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from crm_states.api import CrmStates
+from crm_states.crm import RetryPolicy, SalesforceConnectionManager
+from crm_states.crm.salesforce import TokenCache
+from crm_states.leases import LEASES, Owner, RangeLeases
+from crm_states.runner import RunnerConfig, ValidationRunner
+from crm_states.testing import FakeSalesforce
+from machines import nb_profile_validation as nb
+from tests.faults import assert_history_is_path
+
+APP_USER = "Sefaria_App_User__c"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSalesforce]:
+    with FakeSalesforce() as server:
+        yield server
+
+
+def seed(db, fake: FakeSalesforce, n: int, *, first_id: int = 1) -> set[int]:
+    """n profiles with nationbuilder ids; every third one has an app user. Returns the found ids."""
+    db.profiles.insert_many([{"id": i, "nationbuilder_id": 50_000 + i} for i in range(first_id, first_id + n)])
+    found = set(range(first_id, first_id + n, 3))
+    fake.insert_many(APP_USER, [{"NationBuilder_Id__c": str(50_000 + i)} for i in sorted(found)])
+    return found
+
+
+def app_for(db, fake: FakeSalesforce) -> CrmStates:
+    crm = SalesforceConnectionManager(fake.url, fake.client_id, fake.client_secret, token_cache=TokenCache(),
+                                      policy=RetryPolicy(attempts=2, base_delay=0.0), sleep=lambda s: None)
+    return CrmStates.open(db, crm)
+
+
+def assert_all_validated(db, found: set[int], n: int) -> None:
+    states = {p["id"]: p["crm_state"][nb.NAME]["state"] for p in db.profiles.find({}, {"id": 1, "crm_state": 1})}
+    assert len(states) == n
+    for pid, state in states.items():
+        assert state == ("WroteSalesforceAppUserUid" if pid in found else "WroteNotFound"), pid
+    per_profile = Counter(doc["profile_id"] for doc in db.crm_transitions.find({}, {"profile_id": 1}))
+    assert set(per_profile.values()) == {4}  # [*] -> NotChecked -> RequestedContact -> X -> Wrote*: no transition twice
+
+
+def test_runner_validates_every_pending_profile_with_one_lookup_per_range(db, fake: FakeSalesforce) -> None:
+    found = seed(db, fake, 2500)
+    db.profiles.insert_many([{"id": 9001}, {"id": 9002, "nationbuilder_id": None}, {"id": 9003, "nationbuilder_id": 0}])
+    report = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=500)).run()
+    assert report.processed == report.pending_at_start == 2500
+    assert report.states == {"WroteSalesforceAppUserUid": len(found), "WroteNotFound": 2500 - len(found)}
+    assert fake.counts["query"] == 5 and fake.counts["token"] == 1  # 2,500 profiles: 5 lookups
+    assert db.profiles.count_documents({"id": {"$gt": 9000}, "crm_state": {"$exists": True}}) == 0
+    db.profiles.delete_many({"id": {"$gt": 9000}})
+    assert_all_validated(db, found, 2500)
+    again = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=500)).run()
+    assert again.pending_at_start == 0 and again.processed == 0  # finished profiles are left alone
+
+
+def test_dry_run_and_limit(db, fake: FakeSalesforce) -> None:
+    seed(db, fake, 300)
+    dry = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=100, dry_run=True)).run()
+    assert dry.pending_at_start == 300 and "dry run" in dry.stopped
+    assert fake.total_requests == 0 and db.crm_transitions.count_documents({}) == 0
+    limited = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=100, limit=150)).run()
+    assert limited.processed == 150
+    assert db.profiles.count_documents({f"crm_state.{nb.NAME}": {"$exists": True}}) == 150
+
+
+def test_the_api_limit_stops_the_run_and_a_later_run_finishes(db, fake: FakeSalesforce) -> None:
+    found = seed(db, fake, 1000)
+    fake.daily_limit = 3  # the token, then two lookups, then REQUEST_LIMIT_EXCEEDED
+    report = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=200, concurrency=1)).run()
+    assert report.stopped and "API limit" in report.stopped
+    assert 0 < report.processed < 1000
+    assert db.crm_leases.count_documents({"owner": {"$exists": True}}) == 0  # leases released
+    fake.daily_limit = 100_000
+    ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=200)).run()
+    assert_all_validated(db, found, 1000)
+
+
+def test_max_api_calls_stops_before_the_budget_is_passed(db, fake: FakeSalesforce) -> None:
+    seed(db, fake, 1000)
+    report = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=100, concurrency=1, max_api_calls=3)).run()
+    assert report.stopped and "--max-api-calls 3" in report.stopped
+    assert fake.total_requests <= 4  # checked before each range: at most one range past the budget's edge
+
+
+def test_four_runners_at_once_never_work_on_one_profile_twice(db, fake: FakeSalesforce) -> None:
+    found = seed(db, fake, 3000)
+    reports = []
+    runners = [ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=250, concurrency=2)) for _ in range(4)]
+    threads = [threading.Thread(target=lambda r=r: reports.append(r.run())) for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sum(r.processed for r in reports) == 3000
+    assert sum(r.outcomes["conflict"] for r in reports) == 0
+    assert sum(r.skipped_ranges for r in reports) > 0  # they did meet each other's leases
+    assert_all_validated(db, found, 3000)
+
+
+def test_leases_expire_and_dead_owners_are_taken_over(db) -> None:
+    mine = RangeLeases(db[LEASES], nb.NAME, seconds=60)
+    other = RangeLeases(db[LEASES], nb.NAME, seconds=60)
+    assert mine.agree_ranges(100, 1, 100) == other.agree_ranges(100, 7, 400) == (1, 100)
+    assert mine.claim(0) and not other.claim(0) and mine.claim(0)
+    mine.release(0)
+    assert other.claim(0)
+    dead = RangeLeases(db[LEASES], nb.NAME, owner=Owner(Owner.me().host, 2**22 + 12345, "gone"))
+    dead.agree_ranges(100, 1, 100)
+    assert dead.claim(1)
+    assert mine.claim(1)  # its owner is no process on this host: taken over without waiting
+    short = RangeLeases(db[LEASES], nb.NAME, seconds=-1, owner=Owner("elsewhere", 1, "x"))
+    short.agree_ranges(100, 1, 100)
+    assert short.claim(2) and mine.claim(2)  # expired
+
+
+def test_sigkill_at_random_instants_then_a_final_run_finishes(db, mongo_url: str, fake: FakeSalesforce) -> None:
+    """Kill a runner process at random instants, again and again; a last run finishes: every profile
+    ends in exactly one diagram state, each history is a path, no transition twice."""
+    found = seed(db, fake, 3000)
+    env = {**os.environ, "MONGO_URL": mongo_url, "MONGO_DB": db.name, "CRM_TYPE": "SALESFORCE",
+           "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
+           "SALESFORCE_CLIENT_SECRET": fake.client_secret}
+    command = [sys.executable, "-m", "crm_states.cli", "validate-nb", "--chunk-size", "100", "--concurrency", "2"]
+    rng = random.Random(20261124)
+    kills = 0
+    for _ in range(6):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.8, 2.5))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(30)
+    assert kills >= 3
+    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert_all_validated(db, found, 3000)
+    for pid in rng.sample(range(1, 3001), 50):
+        assert_history_is_path(nb.SPEC, CrmStates.open(db, fake_crm := app_for(db, fake).crm).history(pid, nb.NAME))
+    del fake_crm
