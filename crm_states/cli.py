@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.test_commands = True  # the demo injects a database outage window through a fail point
     with database(args) as db:
         return run_demo(db, profiles=args.profiles, seed=args.seed, journal_path=Path(args.data_dir) / "journal.jsonl",
-                        out=sys.stdout)
+                        out=sys.stdout, progress=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "profiles, run NationBuilder-profile validation and new-user signups with a "
                                       "mix of CRM and database faults, then print every path and the count per state.")
     _common(demo)
-    demo.add_argument("--profiles", type=_positive, default=40, help="how many synthetic profiles (default 40)")
+    demo.add_argument("--profiles", type=_positive, default=10_000,
+                      help="how many synthetic profiles (default 10,000)")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the synthetic data and faults")
     demo.set_defaults(func=cmd_demo)
 

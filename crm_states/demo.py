@@ -3,6 +3,7 @@ of faults, and a database outage window, so every kind of state shows up in one 
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import Counter
@@ -17,14 +18,17 @@ from machines import new_user_signup as signup
 
 from .api import CrmStates
 from .crm.http import RetryPolicy
-from .crm.salesforce import SalesforceConnectionManager, TokenCache
+from .crm.salesforce import SalesforceConnectionManager, SalesforceSchema, TokenCache
 from .journal import replay_file
 from .records import START
 from .report import print_counts
 from .testing.salesforce import FakeSalesforce
-from .testing.server import Fault
+from .runner import Progress, RunnerConfig, ValidationRunner
+from .testing.server import Fault, Faults
 
 MARKER = "crm_states_demo"
+APP_USER = "Sefaria_App_User__c"
+EXTERNAL_IDS = ("NationBuilder_Id__c", "Sefaria_App_Email__c", "Sefaria_User_Id__c")
 FIRST = ["Sarah", "Moshe", "Aviva", "Yosef", "Miriam", "Shira", "Eitan", "שרה", "יוסף", "Noa", "Siobhán", "D'Arcy",
          "Bartholomew-Alexander"]
 LAST = ["Cohen", "Levi", "O'Brien", "Ben-David", "כהן", "לוי", "Abramowitz-Rosenberg-Katz", "D'Angelo", "Mizrahi"]
@@ -45,21 +49,21 @@ def reset(db: Database) -> None:
 
 
 def synthetic_profiles(count: int, rng: random.Random) -> list[dict[str, Any]]:
-    """Half NationBuilder-era profiles to validate, half new users to sign up; names include Hebrew,
-    apostrophes and 20+ characters (which Sefaria's current integration rejects)."""
+    """Seven in ten are NationBuilder-era profiles to validate, the rest new users to sign up; names
+    include Hebrew, apostrophes and 20+ characters (which Sefaria's current integration rejects)."""
     profiles = []
     for pid in range(1, count + 1):
         first, last = rng.choice(FIRST), rng.choice(LAST)
         doc: dict[str, Any] = {"id": pid, "slug": f"user-{pid}", "first_name": first, "last_name": last,
                                "email": f"user{pid}+demo@example.org"}
-        if pid % 2:
-            doc["nationbuilder_id"] = 700_000 + pid if pid % 23 else "unknown"
+        if pid % 10 < 7:
+            doc["nationbuilder_id"] = 700_000 + pid if pid % 499 else "unknown"
         profiles.append(doc)
     return profiles
 
 
 def _outage(db: Database, on: bool) -> bool:
-    """Make the server refuse inserts after the next one (a database outage), through a fail point."""
+    """A database outage through a fail point: after the next insert, every insert fails."""
     try:
         if on:
             db.client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
@@ -72,7 +76,8 @@ def _outage(db: Database, on: bool) -> bool:
         return False
 
 
-def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out: TextIO) -> int:
+def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out: TextIO,
+             progress: TextIO | None = None) -> int:
     rng = random.Random(seed)
     started = time.monotonic()
     reset(db)
@@ -82,64 +87,78 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
     db.profiles.insert_many(docs)
     nb_profiles = [d for d in docs if "nationbuilder_id" in d]
     new_users = [d for d in docs if "nationbuilder_id" not in d]
+    faults = Faults(seed=seed, error_rates={503: 0.01, 500: 0.005})  # retried within the client's budget
 
-    with FakeSalesforce(token_call_limit=12) as fake:
-        for doc in nb_profiles:
-            if isinstance(doc["nationbuilder_id"], int) and rng.random() < 0.6:
-                fake.insert("Sefaria_App_User__c", {"NationBuilder_Id__c": str(doc["nationbuilder_id"]),
-                                                    "Sefaria_App_Email__c": doc["email"]})
+    with FakeSalesforce(faults=faults, external_ids={APP_USER: EXTERNAL_IDS}) as fake:
+        fake.insert_many(APP_USER, [{"NationBuilder_Id__c": str(d["nationbuilder_id"]), "Sefaria_App_Email__c": d["email"]}
+                                    for d in nb_profiles if isinstance(d["nationbuilder_id"], int) and rng.random() < 0.6])
         crm = SalesforceConnectionManager(fake.url, fake.client_id, fake.client_secret, token_cache=TokenCache(),
-                                          policy=RetryPolicy(attempts=3, base_delay=0.01, read_timeout=1.0))
+                                          schema=SalesforceSchema(external_id_field="Sefaria_User_Id__c"),
+                                          policy=RetryPolicy(attempts=4, base_delay=0.01, read_timeout=1.0))
         app = CrmStates.open(db, crm, journal_path=str(journal_path))
 
-        print(f"Validating {len(nb_profiles)} NationBuilder-era profiles against {fake.url} ...", file=out)
-        chunks = [nb_profiles[i:i + 10] for i in range(0, len(nb_profiles), 10)]
-        for index, chunk in enumerate(chunks):
-            if index == 1:  # one chunk meets a Salesforce outage longer than the retry budget
-                fake.inject(Fault.error(503), times=3, kind="query")
-            app.validate_profiles(chunk)
+        chunk = max(10, min(1000, len(nb_profiles) // 8))
+        print(f"Validating {len(nb_profiles)} NationBuilder-era profiles against the fake Salesforce at {fake.url} "
+              f"(chunks of {chunk}) ...", file=out, flush=True)
+        # A Salesforce outage past the retry budget (4 attempts) of at least one chunk's lookup, whichever
+        # way the two concurrent lookups share it, and one answer slower than the client's 1 s timeout.
+        fake.inject(Fault.error(503), times=8, kind="query")
+        fake.inject(Fault.slow(1.5), times=1, kind="query")
+        validation = ValidationRunner(app, RunnerConfig(chunk_size=chunk, concurrency=2),
+                                      progress=lambda total: Progress(total, stream=progress)).run()
 
-        print(f"Signing up {len(new_users)} new users ...", file=out)
-        outage_for = {new_users[i]["id"] for i in (2, 3) if i < len(new_users)}
-        for index, doc in enumerate(new_users):
-            if index == 1:
-                fake.inject(Fault.error(503), times=3, kind="create")
-            if index == 4:
-                fake.inject(Fault.slow(1.5), times=3)  # slower than the client's 1 s read timeout
-            outage = doc["id"] in outage_for and _outage(db, True)
+        print(f"Signing up {len(new_users)} new users ...", file=out, flush=True)
+        fake.expire_tokens()  # the session expires once: the client fetches one new token
+        engine = app.engine(signup.NAME)
+        size = max(5, min(100, len(new_users) // 10))
+        batches = [new_users[i:i + size] for i in range(0, len(new_users), size)]
+        # The journal file gets every entry; the demo keeps its hundred JSON log lines off the screen.
+        logging.getLogger("crm_states.journal").setLevel(logging.CRITICAL)
+        for index, batch in enumerate(batches):
+            if index == 0:
+                fake.inject(Fault.error(503), times=4, kind="upsert")  # one signup fails past the retry budget
+            outage = index == min(1, len(batches) - 1) and _outage(db, True)
             try:
-                app.run_signup(doc["id"], email="" if index == 5 else None)
+                engine.drive([engine.prepare(doc) for doc in batch])
             finally:
                 if outage:
                     _outage(db, False)
-        requests_served = fake.total_requests
+        served = dict(fake.counts)
 
-    print("", file=out)
-    _print_paths(app, docs, out)
+    print(f"\nValidation: {validation.processed} profiles in {validation.seconds:.1f}s "
+          f"({validation.rate:.0f}/s, {validation.lookups} batched lookups).", file=out)
+    print("Fake Salesforce served " + ", ".join(f"{n} {kind}" for kind, n in sorted(served.items()) if n)
+          + " requests.", file=out)
     if journal_path.exists():
-        report = replay_file(app.store, journal_path)
-        print(f"\n{report.entries} runs met the database outage and were journaled to {journal_path}; "
-              f"replaying it restored {report.applied} (crm-states replay {journal_path} does the same).", file=out)
+        replayed = replay_file(app.store, journal_path)
+        print(f"{replayed.entries} signups met the database outage; their results were journaled to {journal_path} "
+              f"and replaying it restored {replayed.applied} (crm-states replay {journal_path} does the same).",
+              file=out)
+    _print_paths(app, docs, out)
     print("", file=out)
     print_counts(db, out)
-    print(f"Fake Salesforce served {requests_served} requests; {profiles} profiles in "
-          f"{time.monotonic() - started:.1f}s.", file=out)
+    print(f"\n{profiles} profiles in {time.monotonic() - started:.1f}s. "
+          "`crm-states report` shows these counts again from the database left in ./.crm-states/.", file=out)
     return 0
 
 
 def _print_paths(app: CrmStates, docs: list[dict[str, Any]], out: TextIO) -> None:
-    """Each profile's path when there are few, else each distinct path with how many took it."""
+    """Each profile's path when there are few, else each distinct path with how many took it. Paths come
+    from one pass over the transitions (the demo's own, small database), not a walk per profile."""
+    steps: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for t in app.store.transitions.find({}, {"_id": 0, "profile_id": 1, "machine": 1, "seq": 1, "dest": 1}):
+        steps.setdefault((t["machine"], t["profile_id"]), []).append((t["seq"], t["dest"]))
     paths: Counter[tuple[str, str]] = Counter()
     lines = []
     for doc in docs:
         machine = nb.NAME if "nationbuilder_id" in doc else signup.NAME
-        path = " → ".join([START, *(t.dest for t in app.history(doc["id"], machine))])
+        path = " → ".join([START, *(dest for _, dest in sorted(steps.get((machine, doc["id"]), [])))])
         paths[(machine, path)] += 1
         lines.append(f"  {doc['id']:>5}  {machine:<22} {path}")
     if len(docs) <= 60:
-        print("Paths:", file=out)
+        print("\nPaths:", file=out)
         print("\n".join(lines), file=out)
         return
-    print("Distinct paths (profiles):", file=out)
+    print("\nDistinct paths (profiles):", file=out)
     for (machine, path), count in sorted(paths.items()):
         print(f"  {count:>6}  {machine:<22} {path}", file=out)

@@ -116,13 +116,15 @@ def test_a_rejected_signup_records_the_error(db, fake: FakeSalesforce) -> None:
 
 def test_demo_command_runs_and_report_shows_the_same_counts(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MONGO_URL", "MONGO_DB")}
-    demo = subprocess.run([sys.executable, "-m", "crm_states.cli", "demo", "--profiles", "30"], cwd=tmp_path,
+    demo = subprocess.run([sys.executable, "-m", "crm_states.cli", "demo", "--profiles", "300"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
-    assert "nb_profile_validation (15 profiles)" in demo.stdout
-    assert "new_user_signup (15 profiles)" in demo.stdout
+    assert "nb_profile_validation (210 profiles)" in demo.stdout
+    assert "new_user_signup (90 profiles)" in demo.stdout
     assert "[*] → NotChecked → RequestedContact → NotFound → WroteNotFound" in demo.stdout
-    assert "LoggedDbFailure                       2" in demo.stdout
+    assert "[*] → NotChecked → RequestedContact → UnexpectedResponse → WroteUnexpectedResponse" in demo.stdout
+    assert "9 signups met the database outage" in demo.stdout and "restored 9" in demo.stdout
+    assert "LoggedDbFailure                       9" in demo.stdout
     report = subprocess.run([sys.executable, "-m", "crm_states.cli", "report"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
