@@ -114,6 +114,10 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
                           dry_run=args.dry_run, max_api_calls=args.max_api_calls, lease_seconds=args.lease_seconds)
     with database(args) as db:
         report = ValidationRunner(_app(db, args), config).run()
+    if args.dry_run:
+        print(f"{report.pending_at_start} profiles pending validation; a run would make about "
+              f"{-(-report.processed // args.chunk_size)} batched lookups (dry run: nothing claimed, sent or written)")
+        return EXIT_OK
     print(f"{report.processed} of {report.pending_at_start} pending profiles validated in {report.seconds:.1f}s "
           f"({report.rate:.0f}/s, {report.lookups} batched lookups)")
     for state, count in sorted(report.states.items()):
@@ -125,9 +129,8 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
         print(f"  {report.skipped_ranges} id ranges were leased by another runner")
     if report.stopped:
         print(f"stopped: {report.stopped}")
-        if not args.dry_run:
-            print("run `crm-states validate-nb` again to resume where this run stopped")
-            return EXIT_LIMIT
+        print("run `crm-states validate-nb` again to resume where this run stopped")
+        return EXIT_LIMIT
     return EXIT_PROBLEMS if problems else EXIT_OK
 
 
@@ -231,9 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--concurrency", type=_positive, default=2, help="ranges worked at once (default 2)")
     validate.add_argument("--limit", type=_positive, help="stop after this many profiles")
     validate.add_argument("--dry-run", action="store_true", help="count pending profiles; claim, send, write nothing")
-    validate.add_argument("--max-api-calls", type=_positive, help="stop once the CRM reports this many API calls "
-                                                                  "used by this run (Salesforce's Sforce-Limit-Info), "
-                                                                  "or this many batched lookups")
+    validate.add_argument("--max-api-calls", type=_positive, help="make at most this many batched CRM lookups "
+                                                                  "(one API call each while the ids fit one URL)")
     validate.add_argument("--lease-seconds", type=float, default=300.0, help="how long a range lease lasts")
     validate.set_defaults(func=cmd_validate_nb)
 
@@ -298,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("crm_states.runner").setLevel(logging.INFO)  # progress lines when not on a terminal
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

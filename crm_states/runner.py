@@ -91,7 +91,7 @@ class Progress:
             self.last = now
             rate = report.processed / max(now - self.started, 1e-9)
             eta = (self.total - report.processed) / rate if rate else float("inf")
-            log.warning("validated %d/%d profiles, %.0f/s, ETA %.0fs; %s", report.processed, self.total, rate, eta,
+            log.info("validated %d/%d profiles, %.0f/s, ETA %.0fs; %s", report.processed, self.total, rate, eta,
                         _states_line(report.states))
 
     def close(self) -> None:
@@ -121,7 +121,6 @@ class ValidationRunner:
         self.make_progress = progress or (lambda total: Progress(total))
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._api_start = self._api_used()
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunnerReport:
@@ -232,18 +231,12 @@ class ValidationRunner:
             progress.update(done, report)
 
     # --- the API budget -------------------------------------------------------------------------
-    def _api_used(self) -> int | None:
-        usage = getattr(self.app.crm, "api_usage", None)
-        return usage[0] if usage else None
-
     def _within_api_budget(self, report: RunnerReport, reserved: int) -> bool:
-        """Room for one more range's lookup, counting one call for each range still in flight."""
+        """Room for one more range's batched lookup, counting the ranges still in flight."""
         if self.config.max_api_calls is None:
             return True
-        used_now = self._api_used()
-        used = (used_now - self._api_start) if used_now is not None and self._api_start is not None \
-            else report.lookups
-        if used + reserved >= self.config.max_api_calls:
-            report.stopped = f"--max-api-calls {self.config.max_api_calls} reached ({used} used)"
+        if report.lookups + reserved >= self.config.max_api_calls:
+            report.stopped = (f"--max-api-calls {self.config.max_api_calls} reached "
+                              f"({report.lookups} lookups done, {reserved} in flight)")
             return False
         return True
