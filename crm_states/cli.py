@@ -18,6 +18,8 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from .api import connect
+from .crm.errors import CrmError, CrmLimitExceeded
+from .store import ProfileNotFound, StoreUnavailable
 from .testing.mongo import MongoServer, MongoServerError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_DB, EXIT_LIMIT = 0, 1, 2, 3, 4
@@ -61,6 +63,18 @@ def database(args: argparse.Namespace) -> Iterator[Database]:
 def _ping(db: Database) -> None:
     try:
         db.client.admin.command("ping")
+    except ProfileNotFound as exc:
+        print(f"crm-states: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreUnavailable as exc:
+        print(f"crm-states: database error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return EXIT_DB
+    except CrmLimitExceeded as exc:
+        print(f"crm-states: the CRM's API limit is reached: {exc}; run again later", file=sys.stderr)
+        return EXIT_LIMIT
+    except CrmError as exc:
+        print(f"crm-states: CRM error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     except PyMongoError as exc:
         raise CliError(f"cannot reach MongoDB: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                        EXIT_DB) from exc
@@ -307,6 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"crm-states: {exc}", file=sys.stderr)
         return exc.code
+    except ProfileNotFound as exc:
+        print(f"crm-states: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreUnavailable as exc:
+        print(f"crm-states: database error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return EXIT_DB
+    except CrmLimitExceeded as exc:
+        print(f"crm-states: the CRM's API limit is reached: {exc}; run again later", file=sys.stderr)
+        return EXIT_LIMIT
+    except CrmError as exc:
+        print(f"crm-states: CRM error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     except PyMongoError as exc:
         print(f"crm-states: database error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
         return EXIT_DB
