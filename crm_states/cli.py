@@ -63,18 +63,6 @@ def database(args: argparse.Namespace) -> Iterator[Database]:
 def _ping(db: Database) -> None:
     try:
         db.client.admin.command("ping")
-    except ProfileNotFound as exc:
-        print(f"crm-states: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except StoreUnavailable as exc:
-        print(f"crm-states: database error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-        return EXIT_DB
-    except CrmLimitExceeded as exc:
-        print(f"crm-states: the CRM's API limit is reached: {exc}; run again later", file=sys.stderr)
-        return EXIT_LIMIT
-    except CrmError as exc:
-        print(f"crm-states: CRM error: {exc}", file=sys.stderr)
-        return EXIT_PROBLEMS
     except PyMongoError as exc:
         raise CliError(f"cannot reach MongoDB: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                        EXIT_DB) from exc
