@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import attrs
+import pymongo
 
 from machines import nb_profile_validation as nb
 
@@ -29,6 +30,7 @@ from .store import state_field
 
 log = logging.getLogger("crm_states.runner")
 
+COUNT_SECONDS = 900.0
 PROJECTION = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
               state_field(nb.NAME): 1}
 
@@ -125,7 +127,10 @@ class ValidationRunner:
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunnerReport:
         started = time.monotonic()
-        report = RunnerReport(pending_at_start=self.profiles.count_documents(pending_filter()))
+        # Counting scans every profile: on a million it outlasts the client's 30 s socket timeout on
+        # SecantusDB, so this one operation gets its own deadline.
+        with pymongo.timeout(COUNT_SECONDS):
+            report = RunnerReport(pending_at_start=self.profiles.count_documents(pending_filter()))
         if self.config.dry_run:
             report.processed = min(report.pending_at_start, self.config.limit or report.pending_at_start)
             report.stopped = "dry run: nothing was claimed, sent or written"
