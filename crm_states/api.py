@@ -15,19 +15,26 @@ from typing import Any
 import attrs
 from pymongo import MongoClient
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
-from machines import new_user_signup, nb_profile_validation
+from machines import change_email, mailing_list_signup, mark_as_spam, new_user_signup, nb_profile_validation, \
+    sync_sustainers
 
+from . import sustainers
 from .crm.base import CrmConnectionManager
 from .engine import Engine, RunResult, StateMachine
 from .journal import Journal
 from .records import Transition, utcnow
-from .store import Store
+from .store import Store, StoreUnavailable
 
 #: Every machine the project builds, by name (the diagram's file stem).
 MACHINES: Mapping[str, StateMachine] = MappingProxyType({
     nb_profile_validation.NAME: nb_profile_validation.SPEC,
     new_user_signup.NAME: new_user_signup.SPEC,
+    change_email.NAME: change_email.SPEC,
+    mark_as_spam.NAME: mark_as_spam.SPEC,
+    mailing_list_signup.NAME: mailing_list_signup.SPEC,
+    sync_sustainers.NAME: sync_sustainers.SPEC,
 })
 
 DEFAULT_MONGO_URL = "mongodb://127.0.0.1:27017"
@@ -102,6 +109,64 @@ class CrmStates:
         """Validate a batch of profile documents with one CRM lookup and bulk writes."""
         engine = self.engine(nb_profile_validation.NAME)
         return engine.drive([engine.prepare(p, restart=restart) for p in profiles])
+
+    def _request(self, name: str, profile_id: Any, inputs: Mapping[str, Any]) -> RunResult:
+        """One new CRM request for a profile: a new run, whatever the profile's previous run ended in.
+        A run stopped half-way (its write-ahead request may already have gone out) is finished first;
+        if it was this very request, its result is the answer, else the new request runs after it."""
+        profile_id = check_profile_id(profile_id)
+        position = self.store.settle(profile_id, name)  # ProfileNotFound when absent
+        spec = machine(name)
+        if position.state is not None and position.state not in spec.terminal:
+            first = self._drive_one(name, profile_id, restart=False, inputs={})
+            if not first.finished or all(position.detail.get(k) == v for k, v in inputs.items()):
+                return first
+        return self._drive_one(name, profile_id, restart=True, inputs=inputs)
+
+    def change_email(self, profile_id: int, new_email: str) -> RunResult:
+        """Tell the CRM that the user changed their email (``change_user_email`` with the profile's
+        ``sf_app_user_id``, which does not change). Every call is one request; after a DB failure that
+        followed the CRM's OK, calling again with the same email records it without a second request."""
+        return self._request(change_email.NAME, profile_id, {"new_email": new_email})
+
+    def mark_as_spam(self, profile_id: int, review: bool = False) -> RunResult:
+        """Mark the user as spam in the CRM (``mark_as_spam_in_crm``), or with ``review`` flag it for
+        manual review (``mark_for_review_in_crm``)."""
+        return self._request(mark_as_spam.NAME, profile_id, {"review": bool(review)})
+
+    def subscribe(self, email: str, lists: Sequence[str], *, profile_id: int | None = None,
+                  first_name: str | None = None, last_name: str | None = None, lang: str = "en",
+                  educator: bool = False) -> RunResult:
+        """Sign an email address up for mailing lists (``add_email_to_mailing_lists``; no CRM id).
+
+        With ``profile_id`` (a signed-in user) the run lives on that profile; without, on the document
+        ``mailing_list_signup.signup_id(email)``, created on first use (see machines/mailing_list_signup.py).
+        The result's ``profile_id`` names the document."""
+        if not isinstance(email, str) or not email.strip():
+            raise TypeError(f"email must be a non-empty string, got {email!r}")
+        if isinstance(lists, str) or not all(isinstance(x, str) for x in lists):
+            raise TypeError(f"lists must be a sequence of list names, got {lists!r}")
+        inputs = {"email": email.strip(), "lists": list(lists), "first_name": first_name, "last_name": last_name,
+                  "lang": lang, "educator": bool(educator)}
+        if profile_id is None:
+            profile_id = mailing_list_signup.signup_id(email)
+            try:
+                self.store.profiles.update_one(
+                    {"id": profile_id},
+                    {"$setOnInsert": {"id": profile_id, "email": mailing_list_signup.normalise_email(email),
+                                      "mailing_list_only": True}}, upsert=True)
+            except PyMongoError as exc:
+                raise StoreUnavailable(f"creating the signup document {profile_id}: {type(exc).__name__}: "
+                                       f"{exc}") from exc
+        return self._request(mailing_list_signup.NAME, profile_id, inputs)
+
+    def sync_sustainers(self, *, max_demote_share: float = sustainers.DEFAULT_MAX_DEMOTE_SHARE, force: bool = False,
+                        dry_run: bool = False,
+                        batch_size: int = sustainers.DEFAULT_BATCH_SIZE) -> sustainers.SyncReport:
+        """The weekly sustainer sync (``crm_states.sustainers``): the whole sustainer set read first,
+        ``is_sustainer`` written only where it differs, mass demotions refused unless ``force``."""
+        return sustainers.sync_sustainers(self, max_demote_share=max_demote_share, force=force, dry_run=dry_run,
+                                          batch_size=batch_size)
 
     def redrive(self, machine_name: str, profiles: Sequence[Mapping[str, Any]]) -> list[RunResult]:
         """Drive a batch of profiles again: a new run from [*] for those in a terminal state (using the

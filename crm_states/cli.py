@@ -17,7 +17,7 @@ from typing import Any
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from .api import connect
+from .api import MACHINES, connect
 from .crm.errors import CrmError, CrmLimitExceeded
 from .store import ProfileNotFound, StoreUnavailable
 from .testing.mongo import MongoServer, MongoServerError
@@ -168,6 +168,38 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sync_sustainers(args: argparse.Namespace) -> int:
+    from .sustainers import sync_sustainers
+
+    if not args.verbose:  # what the sync logs for a cron job, this command prints itself
+        logging.getLogger("crm_states.sustainers").setLevel(logging.CRITICAL)
+    with database(args) as db:
+        report = sync_sustainers(_app(db, args), max_demote_share=args.max_demote_share, force=args.force,
+                                 dry_run=args.dry_run, batch_size=args.batch_size)
+    if report.read_failed is not None:
+        print(f"crm-states: could not read the whole sustainer set from the CRM: {report.read_failed}; "
+              f"nothing changed", file=sys.stderr)
+        return EXIT_LIMIT if report.read_limit else EXIT_PROBLEMS
+    print(f"{report.sustainers_in_crm} sustainers in the CRM: {report.matched} match a profile by sf_app_user_id, "
+          f"{report.unmatched} match none")
+    print(f"{report.current_sustainers} current sustainers ({report.sustainers_without_crm_id} without a CRM id, "
+          f"left alone); to promote {report.to_promote}, to demote {report.to_demote} "
+          f"({report.demote_share:.1%} of current sustainers; limit {args.max_demote_share:.1%})")
+    if report.refused is not None:
+        print(f"crm-states: refused: {report.refused}; nothing changed. Check the CRM's sustainer data; "
+              f"--force demotes anyway", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if args.dry_run:
+        print("dry run: nothing written")
+        return EXIT_OK
+    print(f"{report.changed} profiles changed in {report.seconds:.1f}s")
+    for state, count in sorted(report.states.items()):
+        print(f"  {state:<30} {count:>8}")
+    if report.skipped:
+        print(f"  {report.skipped} profiles no longer differed and were skipped")
+    return EXIT_PROBLEMS if report.problems else EXIT_OK
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .journal import replay_file
     from .store import Store
@@ -258,10 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
                                         "again), the journaled CRM result written without asking the CRM again for "
                                         "DB-failure states, and the stopped run continued for mid-way states.")
     _common(resume)
-    resume.add_argument("--machine", required=True, help="nb_profile_validation or new_user_signup")
+    resume.add_argument("--machine", required=True, help="the machine: " + ", ".join(MACHINES))
     resume.add_argument("--state", required=True, help="the state whose profiles to re-drive")
     resume.add_argument("--limit", type=_positive, help="at most this many profiles")
     resume.set_defaults(func=cmd_resume)
+
+    sync = sub.add_parser("sync-sustainers", help="the weekly sustainer sync: is_sustainer from the CRM",
+                          description="Read the whole sustainer set from the CRM (nothing changes if the read "
+                                      "fails or is incomplete), then set is_sustainer where a profile differs "
+                                      "(matched by sf_app_user_id), each change a persisted run of the "
+                                      "sync_sustainers machine, in batches. A second run changes nothing. Refuses "
+                                      "to demote more than --max-demote-share of the current sustainers unless "
+                                      "--force. Exit 0 done; 1 read failed, refused or some runs not finished; 4 the "
+                                      "CRM's API limit stopped the read.")
+    _common(sync)
+    sync.add_argument("--max-demote-share", type=_share, default=0.1,
+                      help="refuse to demote more than this share of the current sustainers (default 0.1)")
+    sync.add_argument("--force", action="store_true", help="demote even beyond --max-demote-share")
+    sync.add_argument("--dry-run", action="store_true", help="read the CRM and count the changes; write nothing")
+    sync.add_argument("--batch-size", type=_positive, default=1000, help="profiles per bulk write (default 1000)")
+    sync.set_defaults(func=cmd_sync_sustainers)
 
     replay = sub.add_parser("replay", help="apply journaled DB writes (a JSONL journal or an application log)",
                             description="Apply every journal entry in FILE idempotently: replaying twice changes "
@@ -293,6 +341,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {value}")
     return value
 
 

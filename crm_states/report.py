@@ -80,6 +80,53 @@ NOTES: Mapping[str, Mapping[str, str]] = {
             "<journal>`, or `crm-states resume --machine new_user_signup --state LoggedDbFailure` writes it "
             "without calling Salesforce again. Never create these users anew.",
     },
+
+    "change_email": {
+        "WroteSalesforceErrorToDb":
+            "Check and debug these. They have `EmailChangeSalesforceWriteError-datetime: {error message}` in their "
+            "`CrmLog` on Mongo (\"the profile has no sf_app_user_id\": nothing was sent; validate or sign up the "
+            "profile first). Once fixed, `crm-states resume --machine change_email --state WroteSalesforceErrorToDb` "
+            "sends the change again.",
+        "LoggedDbFailure":
+            "The database write of the result failed and was journaled. After OK Salesforce already has the new "
+            "email: `crm-states resume --machine change_email --state LoggedDbFailure` records it without a second "
+            "request (after an unexpected response it asks again); `crm-states replay <journal>` restores the "
+            "journaled history and CrmLog line.",
+    },
+    "mark_as_spam": {
+        "WroteCrmErrorToDb":
+            "Check and debug these. They have `SpamMarkCrmWriteError-datetime: {action}: {error message}` in their "
+            "`CrmLog` on Mongo. Once fixed, `crm-states resume --machine mark_as_spam --state WroteCrmErrorToDb` "
+            "sends the same action (spam or review) again.",
+        "LoggedDbFailure":
+            "The database write of the result failed and was journaled. After OK the CRM already acted (NationBuilder "
+            "deleted the person, Salesforce flagged the app user): `crm-states resume --machine mark_as_spam --state "
+            "LoggedDbFailure` records it without calling the CRM again; `crm-states replay <journal>` restores the "
+            "journaled history and CrmLog line.",
+    },
+    "mailing_list_signup": {
+        "WroteSalesforceErrorToDb":
+            "Check and debug these. They have `MailingListSignupSalesforceWriteError-datetime: {error message}` in "
+            "their `CrmLog` on Mongo (documents with a negative id and `mailing_list_only` are signups without a "
+            "Sefaria account). Once fixed, `crm-states resume --machine mailing_list_signup --state "
+            "WroteSalesforceErrorToDb` sends the signup again.",
+        "LoggedDbFailure":
+            "The database write of the result failed and was journaled. After OK the CRM has the signup: "
+            "`crm-states resume --machine mailing_list_signup --state LoggedDbFailure` records it without sending it "
+            "again; `crm-states replay <journal>` restores the journaled history and CrmLog line.",
+    },
+    "sync_sustainers": {
+        "WroteUnexpectedResponse":
+            "The sustainer status could not be read for these profiles (a resumed run whose read failed, or a "
+            "profile without sf_app_user_id). They have `SustainerSyncUnexpectedRes-datetime: {error message}` in "
+            "their `CrmLog` on Mongo. The next weekly `crm-states sync-sustainers` reads the whole set again; "
+            "`crm-states resume --machine sync_sustainers --state WroteUnexpectedResponse` reads it now.",
+        "LoggedDbFailure":
+            "The write of is_sustainer failed and was journaled. `crm-states resume --machine sync_sustainers "
+            "--state LoggedDbFailure` writes the journaled status without reading the CRM again (`crm-states "
+            "replay` restores the history, but never overwrites an is_sustainer that holds the other value); the "
+            "next weekly sync writes the then-current status anyway.",
+    },
 }
 
 #: The design document's note on a whole machine, printed under its states in the text report.

@@ -37,3 +37,10 @@ def text_input(run: Run, field: str, *, required: bool) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"{field} must be a string, got {type(value).__name__}")
     return value
+
+
+def journaled_ok(run: Run, request: Mapping[str, Any]) -> bool:
+    """A previous run got OK for this very request but its DB write failed: record it, do not resend."""
+    prior = run.prior
+    return (bool(prior.get("intended")) and prior.get("answer") == "OK"
+            and all(prior.get(k) == v for k, v in request.items()))
