@@ -314,6 +314,11 @@ class Store:
             changed = self._apply_write(profile_id, write) or changed
         return changed
 
+    def fill_profile(self, profile_id: int, write: ProfileWrite) -> bool:
+        """Set the write's fields where they are unset (never over a different value) and add its
+        ``CrmLog`` line; True when the profile changed."""
+        return self._apply_write(profile_id, write)
+
     def _apply_write(self, profile_id: int, write: ProfileWrite) -> bool:
         conditions = [{"$or": [{field: {"$exists": False}}, {field: None}, {field: value}]}
                       for field, value in write.set.items()]

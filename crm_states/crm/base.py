@@ -62,6 +62,12 @@ class CrmConnectionManager(abc.ABC):
         """Flag an app user for manual review. Defaults to the spam action."""
         self.mark_as_spam_in_crm(crm_id)
 
+    def get_available_lists(self) -> list[str]:
+        """The mailing lists a user can subscribe to. CRMs without such a catalogue refuse clearly."""
+        from .errors import CrmError
+
+        raise CrmError(f"the {self.name} CRM has no catalogue of mailing lists")
+
     @abc.abstractmethod
     def find_crm_id(self, email: str) -> str | None:
         """The app user id for an email, or ``None`` when there is none."""

@@ -70,6 +70,9 @@ class DummyConnectionManager(CrmConnectionManager):
     def find_crm_id(self, email: str) -> str | None:
         return None
 
+    def get_available_lists(self) -> list[str]:
+        return []
+
     def get_sustainers(self) -> Iterator[str]:
         return iter(())
 

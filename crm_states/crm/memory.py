@@ -26,6 +26,7 @@ class InMemoryCrm(CrmConnectionManager):
         self.by_external_id: dict[str, str] = {}
         self.sustainers: set[str] = set()
         self.mailing_lists: dict[str, set[str]] = {}
+        self.available_lists: set[str] = set()
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self._failures: deque[BaseException | None] = deque()
         self._ids = itertools.count(1)
@@ -79,6 +80,10 @@ class InMemoryCrm(CrmConnectionManager):
     def mark_as_spam_in_crm(self, crm_id: str) -> None:
         self._call("mark_as_spam_in_crm", crm_id)
         self.app_users[crm_id]["spam"] = True
+
+    def get_available_lists(self) -> list[str]:
+        self._call("get_available_lists")
+        return sorted(self.available_lists)
 
     def find_crm_id(self, email: str) -> str | None:
         self._call("find_crm_id", email)

@@ -97,6 +97,8 @@ class SalesforceSchema:
     nationbuilder_id_is_text: bool = True
     external_id_field: str | None = attrs.field(default=None, validator=_api_name)
     sustainer_query: str = "SELECT Id FROM Sefaria_App_User__c WHERE Sustainer__c = true"
+    list_mapping_object: str = _name("AC_to_SF_List_Mapping__mdt")
+    list_name_field: str = _name("Subscriptions__c")
 
 
 @attrs.frozen
@@ -278,6 +280,12 @@ class SalesforceConnectionManager(CrmConnectionManager):
             log.warning("salesforce: several %s records share one email; using %s", s.app_user_object,
                         records[0].get("Id"))
         return _record_id_of(records[0])
+
+    def get_available_lists(self) -> list[str]:
+        """Sefaria's list catalogue: ``Subscriptions__c`` of the ``AC_to_SF_List_Mapping__mdt`` metadata."""
+        s = self.schema
+        records = self._query_all(f"SELECT {s.list_name_field} FROM {s.list_mapping_object}")
+        return sorted({str(r[s.list_name_field]) for r in records if r.get(s.list_name_field)})
 
     def get_sustainers(self) -> Iterator[str]:
         """Every page is read before anything is returned, so a failure part-way raises."""
