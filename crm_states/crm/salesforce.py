@@ -292,9 +292,14 @@ class SalesforceConnectionManager(CrmConnectionManager):
         return iter([_record_id_of(r) for r in self._query_all(self.schema.sustainer_query)])
 
     def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
-        """GET queries sized to stay under Salesforce's request-size limit (and ``max_ids_per_query``)."""
+        """One GET query while the ids fit Salesforce's request-size limit; beyond it, the queries ride
+        in ``POST /composite`` (one API call for up to 25 of them) rather than as several GETs."""
+        wanted = _nationbuilder_ids(ids)
+        chunks = list(self._nationbuilder_chunks(wanted))
+        if len(chunks) > 1:
+            return self.find_app_users_by_nationbuilder_ids_composite(wanted)
         found: dict[int, str] = {}
-        for chunk in self._nationbuilder_chunks(_nationbuilder_ids(ids)):
+        for chunk in chunks:
             for record in self._query_all(self._nationbuilder_soql(chunk)):
                 self._collect_nationbuilder(found, record)
         return found

@@ -233,18 +233,26 @@ def test_nationbuilder_lookup_of_1000_ids_costs_a_handful_of_queries(fake, clien
     found = client.find_app_users_by_nationbuilder_ids([*seeded, *absent, *list(seeded)[:10]])
     assert found == seeded
     assert all(type(k) is int for k in found)
-    assert 2 <= fake.counts["query"] <= 3
+    # Too many ids for one GET: the queries ride in one composite call instead of several GETs.
+    assert fake.counts["composite"] == 1 and fake.counts["query"] == 0
     assert fake.counts["query_more"] == 0
+
+
+def test_nationbuilder_lookup_that_fits_one_url_is_one_get(fake, client):
+    seeded = seed_nationbuilder(fake, 1000)
+    wanted = dict(list(seeded.items())[:500])
+    assert client.find_app_users_by_nationbuilder_ids(wanted) == wanted
+    assert fake.counts["query"] == 1 and fake.counts["composite"] == 0
     (token,) = fake.issued_tokens
     assert all(request_bytes(fake, soql, token) <= 16_384 for soql in fake.soql_log)
-    assert max(request_bytes(fake, soql, token) for soql in fake.soql_log) > 15_000  # chunks are full
 
 
 def test_nationbuilder_lookup_honours_max_ids_per_query(fake, make_client):
     seeded = seed_nationbuilder(fake, 250)
     client = make_client(max_ids_per_query=100)
     assert client.find_app_users_by_nationbuilder_ids(seeded) == seeded
-    assert fake.counts["query"] == 3
+    assert fake.counts["composite"] == 1 and fake.counts["query"] == 0
+    assert len(fake.soql_log) == 3  # three queries of at most 100 ids, in one API call
 
 
 def test_nationbuilder_lookup_with_a_number_field_sends_bare_literals(fake, make_client):
