@@ -168,8 +168,9 @@ class ValidationRunner:
 
     def _proposed_ranges(self, pending: int) -> tuple[int, int]:
         """Ranges starting at the first pending id, wide enough for about ``chunk_size`` pending profiles."""
-        first = self.profiles.find_one(pending_filter(), {"id": 1}, sort=[("id", 1)])
-        last = self.profiles.find_one(pending_filter(), {"id": 1}, sort=[("id", -1)])
+        numeric = {**pending_filter(), "id": {"$type": ["int", "long"]}}  # others are skipped with a warning
+        first = self.profiles.find_one(numeric, {"id": 1}, sort=[("id", 1)])
+        last = self.profiles.find_one(numeric, {"id": 1}, sort=[("id", -1)])
         if not first or not last or pending == 0:
             return 0, self.config.chunk_size
         span = int(last["id"]) - int(first["id"]) + 1

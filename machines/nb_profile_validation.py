@@ -7,6 +7,7 @@ what was learnt: the app user id, or a ``CrmLog`` line the failure-state report 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,12 +24,11 @@ NAME = "nb_profile_validation"
 def nationbuilder_id(profile: dict[str, Any]) -> int:
     """The profile's NationBuilder id as a positive int; anything else is a clear error."""
     value = profile.get("nationbuilder_id")
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"nationbuilder_id must be a positive integer, got {value!r}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value.strip()):  # ASCII digits only
         value = int(value.strip())
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"nationbuilder_id must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(f"nationbuilder_id must be a positive integer below 2**63, got {shown}")
     return value
 
 

@@ -540,15 +540,17 @@ class SalesforceConnectionManager(CrmConnectionManager):
         payload = _payload(response)
         code = payload.get("error") if isinstance(payload, dict) else None
         detail = payload.get("error_description") if isinstance(payload, dict) else payload
-        message = f"salesforce refused the client credentials: HTTP {status} {code or ''}: {short(str(detail), 200)}"
-        return CrmAuthError(self._redact(message), status=status, code=code)
+        # Redact before shortening: a secret cut in half by the limit would no longer be recognised.
+        message = f"salesforce refused the client credentials: HTTP {status} {code or ''}: " \
+                  f"{short(self._redact(str(detail)), 200)}"
+        return CrmAuthError(message, status=status, code=code)
 
     def _error(self, status: int, payload: Any, where: str, *, retry_after: str | None = None) -> CrmError:
         """The ``CrmError`` for a failed answer (also used for composite sub-responses)."""
         codes, message = _codes(payload)
         code = codes[0] if codes else None
         text = self._redact(f"salesforce {where}: HTTP {status}{' ' + code if code else ''}"
-                            f"{': ' + short(message, 200) if message else ''}")
+                            f"{': ' + short(self._redact(message), 200) if message else ''}")
         if status == 401:
             cls = _SessionExpired if code == "INVALID_SESSION_ID" else CrmAuthError
             return cls(text, status=status, code=code)

@@ -1,0 +1,186 @@
+"""6. Secrets: with a sentinel client secret and the fake's issued access tokens, everything a run produced
+is searched (captured logs and stderr, every document of every collection of every database, the journal,
+CSV exports of ``crm-states report --csv``, the database server's log, exception messages). Salesforce
+is made to echo the secret and the token back in its error bodies, so redaction is really exercised."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bson import json_util
+from pymongo import MongoClient
+
+from crm_states.api import CrmStates
+from crm_states.crm import CrmError, RetryPolicy, SalesforceConnectionManager
+from crm_states.crm.salesforce import TokenCache
+from crm_states.testing import Fault, FakeSalesforce, MongoServer
+from machines import nb_profile_validation as nb
+from machines import new_user_signup as signup
+from tests.reliability.checks import cli, cli_env, record, seed_nb_profiles, seed_signup_profiles
+
+HERE = Path(__file__).resolve().parent
+SENTINEL = "SENTINEL-client-secret-0b5e3a7c91"
+FAST = RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0, read_timeout=5.0)
+
+
+def echo(message: str, code: str = "UNKNOWN_EXCEPTION") -> bytes:
+    return json.dumps([{"errorCode": code, "message": message}]).encode()
+
+
+def leaked(secret: str, text: str, window: int = 12) -> bool:
+    """The secret, or any ``window`` characters of it (a truncated copy is a leak too), is in ``text``."""
+    return any(secret[i:i + window] in text for i in range(max(1, len(secret) - window + 1)))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[MongoServer]:
+    with MongoServer(tmp_path / "db", log_path=tmp_path / "secantusd.log", test_commands=True) as mongo:
+        yield mongo
+
+
+def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="pymongo")  # its DEBUG is every command and reply: our documents
+    texts: dict[str, str] = {}
+    errors: list[BaseException] = []
+    client: MongoClient = MongoClient(server.url)
+    db = client.secrets
+    with FakeSalesforce(client_secret=SENTINEL, token_call_limit=7) as fake:
+        seed_nb_profiles(db, fake, 600)
+        users = seed_signup_profiles(db, 30, first_id=100_001)
+        journal = tmp_path / "journal.jsonl"
+        env = cli_env(server.url, db.name, fake, journal)
+
+        # The batch runner (INFO logs on stderr), tokens expiring every 7 calls, Salesforce echoing the
+        # secret in a refused token request and in 500 answers past the retry budget, plus 503s and drops.
+        fake.inject(Fault.error(400, body=json.dumps({"error": "invalid_client", "error_description":
+                                                     f"client secret {SENTINEL} is not valid"}).encode()),
+                    times=1, kind="token")
+        fake.inject(Fault.error(500, body=echo(f"echo client_secret={SENTINEL} and {SENTINEL}")), times=4, kind="query")
+        fake.inject(Fault.error(503), times=2, kind="query")
+        fake.inject(Fault.drop(), times=1, kind="query")
+        run = cli(env, "validate-nb", "-v", "--chunk-size", "100")
+        texts["validate-nb"] = run.stdout + run.stderr
+        assert run.returncode in (0, 1), texts["validate-nb"]
+
+        # Signups: by command (one of them while the database refuses the id's write: journaled), and by
+        # the driver script with 503s and a lost answer on the create.
+        for uid in users[:3]:
+            if uid == users[2]:
+                client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
+                                      "data": {"failCommands": ["insert"], "errorCode": 6}})
+            out = cli(env, "signup", "-v", "--user-id", str(uid))
+            client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+            texts[f"signup {uid}"] = out.stdout + out.stderr
+        assert "LoggedDbFailure" in texts[f"signup {users[2]}"] and journal.exists()
+        fake.inject(Fault.error(503), times=2, kind="create")
+        fake.inject(Fault.drop(processed=True), times=1, kind="create")
+        fake.inject(Fault.error(400, body=echo(f"refused: {SENTINEL}", "INVALID_FIELD")), times=1, kind="create")
+        driver = subprocess.run([sys.executable, str(HERE / "signup_driver.py"), str(users[3]), str(users[-1])],
+                                env=env, capture_output=True, text=True, timeout=300)
+        texts["signup driver"] = driver.stdout + driver.stderr
+        assert driver.returncode == 0, texts["signup driver"]
+
+        # In-process, Salesforce echoes the live access token (and the bearer header) in its errors.
+        crm = SalesforceConnectionManager(fake.url, fake.client_id, SENTINEL, policy=FAST, sleep=lambda s: None,
+                                          token_cache=TokenCache())
+        app = CrmStates.open(db, crm, journal_path=str(journal))
+        crm.find_crm_id("warm-up@example.org")
+        token = fake.issued_tokens[-1]
+        leak = f"session {token} / client secret {SENTINEL}"  # whole (under the 200-character cut: see below)
+        fake.inject(Fault.error(400, body=echo(leak, "INVALID_QUERY_FILTER_OPERATOR")), times=1, kind="query")
+        extra = seed_nb_profiles(db, fake, 20, first_id=50_001)
+        results = app.validate_profiles(list(db.profiles.find({"id": {"$gte": 50_001, "$lt": 60_000}})))
+        fake.inject(Fault.error(400, body=echo(f"Authorization: Bearer {token}", "INVALID_FIELD")), times=1, kind="create")
+        seed_signup_profiles(db, 1, first_id=200_001)
+        results.append(app.run_signup(200_001))
+        fake.inject(Fault.error(400, body=echo(leak)), times=1)
+        with pytest.raises(CrmError) as caught:
+            crm.change_user_email("a0A000000000001EAA", "x@example.org")
+        errors.append(caught.value)
+        wrong = SENTINEL + "-wrong"  # a client whose secret is refused, echoed back by the token endpoint
+        fake.inject(Fault.error(400, body=json.dumps({"error": "invalid_client", "error_description":
+                                                     f"unknown secret {wrong}"}).encode()), times=1, kind="token")
+        with pytest.raises(CrmError) as caught:
+            SalesforceConnectionManager(fake.url, fake.client_id, wrong, policy=FAST,
+                                        token_cache=TokenCache()).find_crm_id("x@example.org")
+        errors.append(caught.value)
+        texts["run results"] = "\n".join(str(r) for r in results)
+        assert {r.state for r in results} == {"WroteUnexpectedResponse", "WroteSalesforceErrorToDb"}
+        assert len(extra) and len(errors) == 2
+
+        # The operator's commands on what the runs left.
+        for args in (("replay", str(journal)), ("resume", "--machine", signup.NAME, "--state", "LoggedDbFailure"),
+                     ("resume", "--machine", nb.NAME, "--state", "WroteUnexpectedResponse"),
+                     ("report",), ("report", "--json"), ("report", "--machine", nb.NAME, "--mermaid")):
+            out = cli(env, *args)
+            texts[" ".join(args)] = out.stdout + out.stderr
+            assert out.returncode in (0, 1), texts[" ".join(args)]
+        report = json.loads(cli(env, "report", "--json").stdout)
+        for machine, states in report.items():
+            for state, row in states.items():
+                if row["count"]:
+                    path = tmp_path / f"{machine}.{state}.csv"
+                    out = cli(env, "report", "--machine", machine, "--state", state, "--csv", str(path))
+                    assert out.returncode == 0, out.stderr
+                    texts[path.name] = path.read_text(encoding="utf-8")
+        tokens = list(fake.issued_tokens)
+        client_id = fake.client_id
+
+    # Everything: captured logs, files, and every document of every collection of every database.
+    texts["caplog"] = caplog.text
+    texts["journal"] = journal.read_text(encoding="utf-8")
+    texts["secantusd.log"] = (tmp_path / "secantusd.log").read_text(encoding="utf-8", errors="replace")
+    texts["exceptions"] = "\n".join(f"{e}\n{e!r}\n{e.args!r}" for e in errors)
+    documents = 0
+    client_dbs = client.list_database_names()
+    for name in client_dbs:
+        for collection in client[name].list_collection_names():
+            for doc in client[name][collection].find():  # the oplog (local.oplog.rs) included
+                texts[f"mongo {name}.{collection} #{documents}"] = json_util.dumps(doc, ensure_ascii=False)
+                documents += 1
+    client.close()
+    secrets = [SENTINEL, base64.b64encode(f"{client_id}:{SENTINEL}".encode()).decode(),
+               *(t.split("!", 1)[1] for t in tokens)]  # a token is "<org id>!<secret part>"
+    leaks = [(where, secret[:8] + "...") for where, text in texts.items() for secret in secrets if leaked(secret, text)]
+    assert not leaks, leaks[:10]
+
+    # Not vacuous: the echoes did reach logs, states and exceptions, redacted.
+    everything = "\n".join(texts.values())
+    assert len(tokens) >= 3 and everything.count("***") >= 10
+    assert "client secret *** is not valid" in everything and "echo client_secret=***" in everything
+    assert "Bearer ***" in everything
+    record("6 secrets", texts_searched=len(texts), mongo_databases=sorted(client_dbs), mongo_documents=documents,
+           tokens_issued=len(tokens),
+           csv_exports=sum(1 for k in texts if k.endswith(".csv")), journal_entries=texts["journal"].count("\n"),
+           redactions_seen=everything.count("***"), leaks=0)
+
+
+@pytest.mark.parametrize("where", ["lookup", "token"])
+def test_a_secret_cut_by_the_200_character_limit_is_still_redacted(db, where: str) -> None:
+    """Error messages are cut to 200 characters; a secret the cut splits must be redacted all the same."""
+    with FakeSalesforce(client_secret=SENTINEL) as fake:
+        db.profiles.insert_many([{"id": i, "nationbuilder_id": 800 + i} for i in range(1, 4)])
+        crm = SalesforceConnectionManager(fake.url, fake.client_id, SENTINEL, policy=FAST, sleep=lambda s: None,
+                                          token_cache=TokenCache())
+        if where == "lookup":
+            crm.find_crm_id("warm-up@example.org")
+            token = fake.issued_tokens[-1]
+            secret = token.split("!", 1)[1]
+            fake.inject(Fault.error(400, body=echo("x" * 120 + f" {token} " + "z" * 200, "INVALID_FIELD")), times=1, kind="query")
+        else:
+            secret = SENTINEL
+            fake.inject(Fault.error(400, body=json.dumps({"error": "invalid_client", "error_description":
+                                                         "y" * 170 + f" {SENTINEL} " + "z" * 200}).encode()), times=1, kind="token")
+        results = CrmStates.open(db, crm).validate_profiles(list(db.profiles.find()))
+    assert {r.state for r in results} == {"WroteUnexpectedResponse"}
+    stored = json_util.dumps(list(db.profiles.find()) + list(db.crm_transitions.find()), ensure_ascii=False)
+    assert "…" in stored  # the message was cut
+    assert not leaked(secret, stored), [line for p in db.profiles.find() for line in p["CrmLog"]][0][-120:]
