@@ -224,7 +224,8 @@ class ValidationRunner:
 
     def _record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
         with self._lock:
-            report.lookups += 1
+            if results:  # a range another runner finished meanwhile reads no profiles and asks nothing
+                report.lookups += 1
             for result in results:
                 report.outcomes[result.outcome] += 1
                 if result.outcome == "finished" and result.state:

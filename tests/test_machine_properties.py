@@ -99,7 +99,7 @@ def test_nb_validation_histories_are_diagram_paths(crm_outcome: str, faults: set
         assert position_of(profile, nb.NAME).state == persisted_expected
         if persisted_expected == "ScriptFailureLogged":
             error = position_of(profile, nb.NAME).detail["error"]
-            assert "nationbuilder_id must be a positive integer, got 'n/a'" in error
+            assert "nationbuilder_id must be a positive integer below 2**63, got 'n/a'" in error
         assert ("sf_app_user_id" in profile) == (persisted_expected == "WroteSalesforceAppUserUid")
         if crm_outcome == "found" and persisted_expected == "WroteSalesforceAppUserUid":
             assert profile["sf_app_user_id"] == app_user
