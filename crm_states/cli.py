@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,8 +122,7 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{report.processed} of {report.pending_at_start} pending profiles validated in {report.seconds:.1f}s "
           f"({report.rate:.0f}/s, {report.lookups} batched lookups)")
-    for state, count in sorted(report.states.items()):
-        print(f"  {state:<30} {count:>8}")
+    _print_counts(report.states)
     problems = {k: v for k, v in report.outcomes.items() if k in ("interrupted", "conflict")}
     if problems:
         print("  not finished: " + ", ".join(f"{v} {k}" for k, v in sorted(problems.items())))
@@ -163,8 +162,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                                                   f"crm_state.{args.machine}.state": args.state}))
             outcomes.update(r.state or "not started" for r in app.redrive(args.machine, batch))
     print(f"{sum(outcomes.values())} profiles in {args.state} re-driven:")
-    for state, count in sorted(outcomes.items()):
-        print(f"  {state:<30} {count:>8}")
+    _print_counts(outcomes)
     return EXIT_OK
 
 
@@ -193,8 +191,7 @@ def cmd_sync_sustainers(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return EXIT_OK
     print(f"{report.changed} profiles changed in {report.seconds:.1f}s")
-    for state, count in sorted(report.states.items()):
-        print(f"  {state:<30} {count:>8}")
+    _print_counts(report.states)
     if report.skipped:
         print(f"  {report.skipped} profiles no longer differed and were skipped")
     return EXIT_PROBLEMS if report.problems else EXIT_OK
@@ -204,9 +201,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .journal import replay_file
     from .store import Store
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"no such file: {path}")
+    path = _existing_file(args.file)
     with database(args) as db:
         report = replay_file(Store(db), path)
     print(f"{report.entries} journal entries: {report.applied} applied, {report.unchanged} already applied; "
@@ -219,9 +214,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_load_log(args: argparse.Namespace) -> int:
     from .crm import load_log
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"no such file: {path}")
+    path = _existing_file(args.file)
     report = load_log(path, _crm())
     print(f"sent {report.total_sent} CRM writes from {path}: "
           + ", ".join(f"{n} {method}" for method, n in sorted(report.sent.items())))
@@ -233,6 +226,19 @@ def cmd_load_log(args: argparse.Namespace) -> int:
         print(f"stopped: {report.stopped}; run the same command again later to load the rest")
         return EXIT_LIMIT
     return EXIT_PROBLEMS if report.failed else EXIT_OK
+
+
+def _print_counts(counts: Mapping[str, int]) -> None:
+    """One line per state, as every command that drives profiles reports them."""
+    for state, count in sorted(counts.items()):
+        print(f"  {state:<30} {count:>8}")
+
+
+def _existing_file(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    return path
 
 
 def _known(lookup: Callable[[str], Any], name: str) -> Any:
