@@ -32,6 +32,26 @@ class CrmTransientError(CrmError):
         self.retry_after = retry_after
 
 
+class CrmReadTimeout(CrmTransientError):
+    """The request went out but no answer came within the read timeout.
+
+    Unlike a connection that could not be made (or a connect timeout), the CRM received the request and
+    may still be processing it: Salesforce keeps running a request after the client gives up. Retrying
+    is fine for idempotent requests; a create must not be re-sent. ``method`` and ``url`` (redacted)
+    say which request it was.
+    """
+
+    def __init__(self, message: str, *, method: str | None = None, url: str | None = None) -> None:
+        super().__init__(message)
+        self.method = method
+        self.url = url
+
+
+class CrmOutcomeUnknown(CrmTransientError):
+    """A create timed out after reaching the CRM, was not re-sent, and its record did not show up
+    within the settle window: it may or may not exist. Resuming later looks it up before creating."""
+
+
 class CrmLimitExceeded(CrmError):
     """The daily API allocation is spent (REQUEST_LIMIT_EXCEEDED): stop the batch, resume tomorrow."""
 

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import requests
 
-from .errors import CrmError, CrmTransientError
+from .errors import CrmError, CrmReadTimeout, CrmTransientError
 
 log = logging.getLogger("crm_states.crm")
 
@@ -61,6 +61,11 @@ def send(
     Retries connection errors, timeouts and whatever ``classify`` calls ``CrmTransientError`` (waiting
     its ``retry_after`` when the server gave one, e.g. a 429's Retry-After); any other ``CrmError`` is
     raised at once. The last transient error is raised when attempts run out.
+
+    A read timeout (``requests.ReadTimeout``: the request was sent, no answer came in time) is raised as
+    ``CrmReadTimeout``, a ``CrmTransientError`` subclass, because the server may still be processing it;
+    a connect timeout or a failed connection stays a plain ``CrmTransientError``. Both are retried
+    here alike: callers that must not resend (``attempts=1``) tell them apart by class.
     """
     kwargs.setdefault("timeout", policy.timeout)
     last: CrmError | None = None
@@ -73,7 +78,13 @@ def send(
             sleep(wait)
         try:
             response = session.request(method, url, **kwargs)
-        except requests.Timeout as exc:
+        except requests.ReadTimeout as exc:
+            # The request reached the server, which may still act on it: a distinct (transient) class,
+            # so that callers sending a non-idempotent request can refuse to send it again.
+            last = CrmReadTimeout(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}",
+                                  method=method, url=redact_url(url))
+            continue
+        except requests.Timeout as exc:  # ConnectTimeout: the request never reached the server
             last = CrmTransientError(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}")
             continue
         except requests.ConnectionError as exc:

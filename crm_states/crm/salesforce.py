@@ -29,6 +29,8 @@ from .errors import (
     CrmError,
     CrmLimitExceeded,
     CrmNotFound,
+    CrmOutcomeUnknown,
+    CrmReadTimeout,
     CrmRejected,
     CrmTransientError,
 )
@@ -42,6 +44,9 @@ MAX_REQUEST_BYTES = 16_384
 MAX_SOQL_CHARS = 100_000
 #: Sub-requests per ``POST /composite``.
 MAX_COMPOSITE = 25
+#: Waits between email lookups while a timed-out create settles: the first, doubling up to the cap.
+SETTLE_FIRST_WAIT = 0.25
+SETTLE_MAX_WAIT = 4.0
 
 _SOQL_ESCAPES = {"\\": "\\\\", "'": "\\'", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f",
                  "\b": "\\b"}
@@ -145,7 +150,14 @@ class _SessionExpired(CrmAuthError):
 
 
 class SalesforceConnectionManager(CrmConnectionManager):
-    """Sefaria's Salesforce org over REST. See the module docstring for what it guarantees."""
+    """Sefaria's Salesforce org over REST. See the module docstring for what it guarantees.
+
+    ``create_settle_seconds`` bounds how long a create by email (no ``external_id_field``) whose POST
+    got no answer within the read timeout keeps looking the email up, waiting for Salesforce to commit
+    the record it may still be making; that POST is never sent again in the same call. ``None`` (the
+    default) means ``2 * policy.read_timeout + 5`` seconds. If the record does not show up in time the
+    create raises ``CrmOutcomeUnknown``; a later call looks the email up before creating again.
+    """
 
     name = "salesforce"
 
@@ -163,6 +175,7 @@ class SalesforceConnectionManager(CrmConnectionManager):
         schema: SalesforceSchema = SalesforceSchema(),
         token_cache: TokenCache | None = None,
         max_ids_per_query: int = 2000,
+        create_settle_seconds: float | None = None,
     ) -> None:
         if not re.fullmatch(r"https?://[^/\s]+/?", base_url or ""):
             raise CrmConfigError("SALESFORCE_BASE_URL must be an http(s) origin such as https://x.my.salesforce.com")
@@ -172,6 +185,10 @@ class SalesforceConnectionManager(CrmConnectionManager):
             raise CrmConfigError(f"api_version must look like 60.0, not {api_version!r}")
         if max_ids_per_query < 1:
             raise CrmConfigError("max_ids_per_query must be at least 1")
+        if create_settle_seconds is None:
+            create_settle_seconds = 2 * policy.read_timeout + 5.0
+        if not create_settle_seconds >= 0:  # also refuses NaN
+            raise CrmConfigError("create_settle_seconds must be 0 or more")
         self._base_url = base_url.rstrip("/")
         self._client_id = client_id
         self._client_secret = client_secret
@@ -184,6 +201,7 @@ class SalesforceConnectionManager(CrmConnectionManager):
         self._tokens = token_cache or _PROCESS_TOKENS
         self._key = (self._base_url, client_id)
         self.max_ids_per_query = max_ids_per_query
+        self.create_settle_seconds = float(create_settle_seconds)
         self._usage: tuple[int, int] | None = None
 
     # -- state -------------------------------------------------------------------------------------
@@ -348,9 +366,12 @@ class SalesforceConnectionManager(CrmConnectionManager):
     def _create_user(self, email: str, fields: Mapping[str, Any]) -> str:
         """Create unless the email already has an app user, re-checking before every retry.
 
-        The POST itself is never resent blindly: after a timeout or a dropped connection the record may
-        exist, and only the email lookup can tell.
+        The POST itself is never resent blindly: after a dropped connection, a 5xx or a malformed
+        answer the record may exist, and only the email lookup can tell. After a read timeout the
+        lookup cannot tell yet (Salesforce may still be processing the request and commit it later),
+        so that POST is never resent: ``_settle_create`` waits for the record instead.
         """
+        path = f"sobjects/{self.schema.app_user_object}/"
         once = attrs.evolve(self._policy, attempts=1)
         last: CrmError | None = None
         for attempt in range(self._policy.attempts):
@@ -360,7 +381,12 @@ class SalesforceConnectionManager(CrmConnectionManager):
             if existing is not None:
                 return existing
             try:
-                response = self._api("POST", f"sobjects/{self.schema.app_user_object}/", json=fields, policy=once)
+                response = self._api("POST", path, json=fields, policy=once)
+            except CrmReadTimeout as exc:
+                if exc.method == "POST" and urlsplit(exc.url or "").path.endswith(f"/{path}"):
+                    return self._settle_create(email, exc)
+                last = exc  # the token request timed out, not the create: nothing was created
+                continue
             except CrmError as exc:
                 if not isinstance(exc, CrmTransientError) and exc.code != "MALFORMED_JSON":
                     raise
@@ -370,6 +396,50 @@ class SalesforceConnectionManager(CrmConnectionManager):
             return _record_id_of(_json_object(response), key="id")
         assert last is not None
         raise last
+
+    def _settle_create(self, email: str, timeout: CrmReadTimeout) -> str:
+        """After a create POST timed out: look the email up, with backoff, for ``create_settle_seconds``.
+
+        The id as soon as the record shows up; ``CrmOutcomeUnknown`` if it does not (the POST is not
+        re-sent). A lookup failing for good (auth, say) ends the wait with ``CrmOutcomeUnknown`` too;
+        the daily API limit is raised as itself. Time counts on the wall clock or as the sum of the
+        waits asked of ``sleep``, whichever is more, so an injected no-op ``sleep`` bounds the number
+        of lookups instead of spinning.
+        """
+        window = self.create_settle_seconds
+        log.warning("salesforce create timed out (%s); not re-sending it, looking the email up for up to "
+                    "%.1fs while Salesforce may still be making the record", timeout, window)
+        started, slept, wait, lookups = time.monotonic(), 0.0, SETTLE_FIRST_WAIT, 0
+        trouble = ""
+        while True:
+            lookups += 1
+            try:
+                found = self.find_crm_id(email)
+            except CrmLimitExceeded:
+                raise
+            except CrmError as exc:
+                if not isinstance(exc, CrmTransientError) and exc.code != "MALFORMED_JSON":
+                    trouble = f"; the lookup failed: {exc}"
+                    break
+                log.info("salesforce: lookup while a create settles failed (%s); trying again", exc)
+                trouble, found = f"; the last lookup failed: {exc}", None
+            else:
+                trouble = ""
+            if found is not None:
+                log.info("salesforce: the timed-out create committed late; app user %s found by email", found)
+                return found
+            remaining = window - max(time.monotonic() - started, slept)
+            if remaining <= 0:
+                break
+            pause = min(wait, remaining)
+            self._sleep(pause)
+            slept += pause
+            wait = min(wait * 2, SETTLE_MAX_WAIT)
+        raise CrmOutcomeUnknown(
+            f"salesforce create (POST sobjects/{self.schema.app_user_object}/): outcome unknown: no answer "
+            f"within the {self._policy.read_timeout:g}s read timeout, not re-sent; no app user with this email "
+            f"showed up in the {window:g}s settle window ({lookups} lookups); resuming looks the email up "
+            f"before creating{short(trouble, 160) if trouble else ''}") from timeout
 
     def _patch_user(self, crm_id: str, fields: Mapping[str, Any]) -> None:
         if not isinstance(crm_id, str) or not _RECORD_ID.fullmatch(crm_id):

@@ -3,8 +3,10 @@ token expiry, UNABLE_TO_LOCK_ROW, malformed JSON, REQUEST_LIMIT_EXCEEDED half-wa
 
 Each lands in the state the diagram gives; transient ones are retried within their budget (request
 counts are asserted exactly); the daily limit stops the run cleanly (exit 4) and a later run finishes.
-The machines run in-process here with a fast retry policy (3 attempts, no real sleeping, 0.3 s read
-timeout), so that request counts are exact and timeouts cost a second, not the CLI's 20 s.
+The machines run in-process here with a fast retry policy (3 attempts, no waits between retries, 0.3 s
+read timeout), so that request counts are exact and timeouts cost a second, not the CLI's 20 s. A create
+whose POST times out is never re-sent: the client looks the email up during its settle window
+(``SETTLE`` here, longer than ``SLOW``) and really waits between those lookups.
 """
 
 from __future__ import annotations
@@ -34,16 +36,19 @@ from tests.reliability.checks import (
     record,
     seed_nb_profiles,
     seed_signup_profiles,
+    wait_until,
 )
 
 FAST = RetryPolicy(attempts=3, base_delay=0.0, max_delay=0.0, connect_timeout=1.0, read_timeout=0.3)
 SLOW = Fault.slow(1.0)  # longer than FAST's read timeout: a timeout for the client
+SETTLE = 3.0  # the create's settle window: longer than SLOW, so a late commit is found in it
 
 
-def client(fake: FakeSalesforce, **schema: str) -> SalesforceConnectionManager:
+def client(fake: FakeSalesforce, *, settle: float = SETTLE, **schema: str) -> SalesforceConnectionManager:
+    # Real sleep: FAST's retry delays are 0, so only the settle window's lookups really wait.
     return SalesforceConnectionManager(fake.url, fake.client_id, fake.client_secret, policy=FAST,
-                                       sleep=lambda s: None, token_cache=TokenCache(),
-                                       schema=SalesforceSchema(**schema))
+                                       sleep=time.sleep, token_cache=TokenCache(),
+                                       schema=SalesforceSchema(**schema), create_settle_seconds=settle)
 
 
 def warm(fake: FakeSalesforce, crm: SalesforceConnectionManager) -> None:
@@ -124,7 +129,8 @@ CREATE_CASES = {
     "dropped connection, nothing made": ([(Fault.drop(), 2)], "WroteSalesforceAppUserUid", 3, 3, 1),
     "UNABLE_TO_LOCK_ROW": ([(UNABLE_TO_LOCK_ROW, 1)], "WroteSalesforceAppUserUid", 2, 2, 1),
     "malformed JSON, user made": ([(Fault.malformed_json(processed=True), 1)], "WroteSalesforceAppUserUid", 1, 2, 1),
-    "timeout, Salesforce makes the user late": ([(SLOW, 1)], "WroteSalesforceAppUserUid", 2, 2, 1),
+    # email: the timed-out POST is not re-sent; the record shows up during the settle window
+    "timeout, Salesforce makes the user late": ([(SLOW, 1)], "WroteSalesforceAppUserUid", 1, 2, 1),
     "token expiry": ("expire", "WroteSalesforceAppUserUid", 1, 2, 1),
     "400 not retried": ([(Fault.error(400), 1)], "WroteSalesforceErrorToDb", 1, 1, 0),
 }
@@ -133,11 +139,7 @@ CREATE_CASES = {
 @pytest.mark.parametrize("schema", ["email", "external-id"])
 @pytest.mark.parametrize("case", list(CREATE_CASES))
 def test_a_create_fault_lands_where_the_diagram_says_and_never_doubles(db, fake: FakeSalesforce, case: str,
-                                                                       schema: str, request) -> None:
-    if case == "timeout, Salesforce makes the user late" and schema == "email":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "known bug (RELIABILITY.md, bug 1): without an external-id field the client can only look the email "
-            "up before re-posting, and a create Salesforce commits after the timeout is not found yet")))
+                                                                       schema: str) -> None:
     faults, state, creates, upserts, made = CREATE_CASES[case]
     seed_signup_profiles(db, 1, first_id=500)
     options = {"external_id_field": "Sefaria_User_Id__c"} if schema == "external-id" else {}
@@ -168,6 +170,42 @@ def test_a_create_fault_lands_where_the_diagram_says_and_never_doubles(db, fake:
     CrmStates.open(db, client(fake, **options)).run_signup(500)
     assert len(fake.records(APP_USER)) == made
     record(f"3 CRM fault, create ({schema}): {case}", state=state, requests=fake.counts[kind], app_users=made)
+
+
+def test_a_create_committed_after_the_settle_window_is_an_unknown_outcome_that_resume_finishes(
+        db, fake: FakeSalesforce) -> None:
+    """The email path's timed-out create commits only after the client stopped waiting: the signup lands
+    in its failure state saying the outcome is unknown (1 create, never re-sent); once Salesforce has
+    committed, resuming the failure state adopts that app user, with no second POST."""
+    seed_signup_profiles(db, 1, first_id=600)
+    crm = client(fake, settle=0.5)  # the window closes at ~0.8 s; Salesforce commits at 2 s
+    warm(fake, crm)
+    late = Fault.slow(2.0)
+    fake.inject(late, times=1, kind="create")
+    result = CrmStates.open(db, crm).run_signup(600)
+
+    assert (result.state, result.outcome) == ("WroteSalesforceErrorToDb", "finished"), result
+    assert fake.counts["create"] == 1  # the timed-out POST was not re-sent
+    assert fake.counts["query"] >= 2  # the lookup before the create, then the settle window's
+    [line] = db.profiles.find_one({"id": 600})["CrmLog"]
+    assert line.startswith("NewUserSalesforceWriteError-") and "CrmOutcomeUnknown" in line, line
+    assert "outcome unknown" in line and "not re-sent" in line, line
+    # Salesforce finishes the request the client gave up on.
+    assert wait_until(lambda: len(fake.records(APP_USER)) == 1, timeout=late.seconds + 5)
+
+    [resumed] = CrmStates.open(db, client(fake)).redrive(
+        signup.NAME, list(CrmStates.open(db, crm).profiles_in_state(signup.NAME, "WroteSalesforceErrorToDb")))
+    assert (resumed.state, resumed.outcome) == ("WroteSalesforceAppUserUid", "finished"), resumed
+    [user] = fake.records(APP_USER)
+    assert db.profiles.find_one({"id": 600})["sf_app_user_id"] == user["Id"]
+    assert fake.counts["create"] == 1  # resume found the late app user by email: no second POST
+    assert app_users_by(fake, "Sefaria_App_Email__c")["new600@example.org"] == 1
+    check = check_histories(db, signup.SPEC)
+    check.assert_clean()
+    assert check.states == {"WroteSalesforceAppUserUid": 1}
+    record("3 CRM fault, create (email): timeout, Salesforce makes the user after the settle window",
+           first_state=result.state, resumed_state=resumed.state, create_requests=fake.counts["create"],
+           app_users=1)
 
 
 # --- the daily limit -----------------------------------------------------------------------------------
