@@ -22,6 +22,7 @@ from machines import change_email, mailing_list_signup, mark_as_spam, new_user_s
 
 from . import sustainers
 from .crm.base import CrmConnectionManager
+from .crm.factory import crm_from_env
 from .engine import Engine, RunResult, StateMachine
 from .journal import Journal
 from .records import Transition, utcnow
@@ -79,8 +80,18 @@ class CrmStates:
              ensure_indexes: bool = True) -> CrmStates:
         store = Store(db)
         if ensure_indexes:
-            store.ensure_indexes(MACHINES)
+            store.ensure_indexes()  # state indexes come per machine, when first used
         return cls(store=store, crm=crm, journal=Journal(journal_path or os.environ.get("CRM_STATES_JOURNAL")))
+
+    @classmethod
+    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None) -> CrmStates:
+        """The ``CrmStates`` the ``crm-states`` commands and the Celery tasks build from the environment:
+        the CRM of ``CRM_TYPE`` and Sefaria's CRM settings (``CrmConfigError`` naming a missing one), the
+        database ``db`` or else ``MONGO_URL``/``MONGO_DB`` (``connect``), and the journal file of
+        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree."""
+        crm = crm_from_env()
+        journal = os.environ.get("CRM_STATES_JOURNAL") or journal_path
+        return cls.open(connect() if db is None else db, crm, journal_path=journal)
 
     def engine(self, name: str) -> Engine:
         return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock)

@@ -103,10 +103,14 @@ def _crm() -> Any:
 
 
 def _app(db: Database, args: argparse.Namespace) -> Any:
+    """``CrmStates.from_env`` (shared with the Celery tasks); the journal defaults to the data dir's."""
     from .api import CrmStates
+    from .crm import CrmConfigError
 
-    journal = os.environ.get("CRM_STATES_JOURNAL") or str(Path(args.data_dir) / "journal.jsonl")
-    return CrmStates.open(db, _crm(), journal_path=journal)
+    try:
+        return CrmStates.from_env(db, journal_path=str(Path(args.data_dir) / "journal.jsonl"))
+    except CrmConfigError as exc:
+        raise CliError(f"CRM configuration: {exc}") from exc
 
 
 def cmd_validate_nb(args: argparse.Namespace) -> int:

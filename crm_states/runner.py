@@ -202,14 +202,20 @@ class ValidationRunner:
             if self._stop.is_set():
                 return
             # A range query, read after the lease was taken: fresh positions, and far cheaper than $in.
-            where = {**pending_filter(), "id": {"$gte": bounds[0], "$lt": bounds[1]}}
-            profiles = list(self.profiles.find(where, PROJECTION).sort("id", 1).limit(count))
-            results = self.app.validate_profiles(profiles) if profiles else []
-            if any(r.outcome == "conflict" for r in results):
-                results = self._after_conflicts(results)
-            self._record(results, report, progress)
+            self.validate_chunk({"id": {"$gte": bounds[0], "$lt": bounds[1]}}, count, report, progress)
         finally:
             self.leases.release(index)
+
+    def validate_chunk(self, where: Mapping[str, Any], count: int, report: RunnerReport,
+                       progress: Progress) -> None:
+        """The per-chunk step: the pending profiles matching ``where`` (at most ``count``, in id order)
+        through one batched CRM lookup and bulk writes, counted into ``report``. Takes no lease: the
+        caller holds one (``run``) or relies on the store's compare-and-set (a Celery task)."""
+        profiles = list(self.profiles.find({**pending_filter(), **where}, PROJECTION).sort("id", 1).limit(count))
+        results = self.app.validate_profiles(profiles) if profiles else []
+        if any(r.outcome == "conflict" for r in results):
+            results = self._after_conflicts(results)
+        self.record(results, report, progress)
 
     def _after_conflicts(self, results: list[RunResult]) -> list[RunResult]:
         """A conflict here means a killed run's documents were just rolled forward: a profile that is now
@@ -222,7 +228,7 @@ class ValidationRunner:
         return [redone.get(r.profile_id) or (RunResult(r.profile_id, r.state, "finished")
                                              if r.profile_id in settled else r) for r in results]
 
-    def _record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
+    def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
         with self._lock:
             if results:  # a range another runner finished meanwhile reads no profiles and asks nothing
                 report.lookups += 1

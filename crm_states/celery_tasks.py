@@ -1,0 +1,295 @@
+"""Celery tasks for Sefaria's workers (the optional extra ``crm_states[celery]``).
+
+Three tasks call exactly what the command line and Sefaria's hooks call:
+
+- ``crm_states.run_signup(user_id, ...)``: ``CrmStates.run_signup`` (``crm-states signup``);
+- ``crm_states.validate_chunk(profile_ids=[...] | id_range=[lo, hi])``: the batch runner's per-chunk
+  step (``ValidationRunner.validate_chunk``) for the chunk's pending profiles: one batched CRM lookup
+  and bulk writes, as ``crm-states validate-nb`` does for each of its ranges;
+- ``crm_states.sync_sustainers(force=False, ...)``: ``crm_states.sustainers.sync_sustainers``
+  (``crm-states sync-sustainers``).
+
+Arguments and results are JSON: ids, flags, and a summary with the state, the outcome and per-state
+counts. Every task builds its ``CrmStates`` with ``CrmStates.from_env``, as the commands do: ``MONGO_URL``
+and ``MONGO_DB``, ``CRM_TYPE`` and Sefaria's CRM settings, ``CRM_STATES_JOURNAL``; one per worker process.
+
+Retries. The machines record a CRM failure as a state instead of raising, so a task looks at where its
+profiles ended: a transient CRM failure (``CrmTransientError`` or a subclass: 5xx, timeouts, dropped
+connections, past the client's own retries) raises ``CrmTransientError`` and Celery retries the task with
+exponential backoff. That is safe because the machines are idempotent: a finished profile is left alone,
+and a retry re-drives only the profiles that a transient failure stopped (a signup's create carries the
+user id, or looks the email up first, so it never makes a second app user; a lookup is a read; a failed
+sustainer read has changed nothing). ``CrmLimitExceeded`` (the daily API limit) is never retried: the
+run halts, the summary says so, and the same task sent again tomorrow goes on from where it stopped. On
+the last attempt a task returns its summary instead of raising: the failure is a state that
+``crm-states report`` shows and ``crm-states resume`` finishes.
+
+Sefaria registers the tasks on its own app with ``register_tasks(app)``; ``app`` below is a default app
+configured from ``CRM_STATES_BROKER_URL`` for ``celery -A crm_states.celery_tasks worker``. Nothing in
+the library imports this module.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from celery import Celery, Task
+
+from machines import nb_profile_validation as nb
+from machines import new_user_signup as signup
+
+from .api import CrmStates
+from .crm.errors import CrmLimitExceeded, CrmTransientError
+from .engine import RunResult
+from .runner import PROJECTION, Progress, RunnerConfig, RunnerReport, ValidationRunner, pending_filter
+from .store import position_of, state_field
+from .sustainers import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DEMOTE_SHARE, SyncReport
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: Seconds: the first retry waits up to this long, each later one twice as long (full jitter), capped.
+DEFAULT_RETRY_BACKOFF = 30
+DEFAULT_MAX_RETRIES = 5
+#: The most profiles one ``validate_chunk`` takes: about what one batched lookup carries.
+MAX_CHUNK = 5000
+
+#: Per machine, the state in which a CRM failure stopped a run after the failure was written.
+_CRM_FAILURE_STATE = {nb.NAME: "WroteUnexpectedResponse", signup.NAME: "WroteSalesforceErrorToDb"}
+
+
+class CrmTasks(NamedTuple):
+    """The three tasks as registered on one app."""
+
+    run_signup: Task
+    validate_chunk: Task
+    sync_sustainers: Task
+
+
+# --- the CrmStates of a worker process ------------------------------------------------------------------
+
+_shared: tuple[int, CrmStates] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_states() -> CrmStates:
+    """One ``CrmStates.from_env()`` per process, built on first use: a worker keeps its Mongo connection
+    pool and CRM token between tasks, and a forked pool child builds its own (pymongo is not fork-safe)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid():
+            _shared = (os.getpid(), CrmStates.from_env())
+        return _shared[1]
+
+
+# --- apps and registration ------------------------------------------------------------------------------
+
+def make_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
+    """A Celery app for these tasks: broker ``broker_url`` or ``CRM_STATES_BROKER_URL`` (default local
+    Redis), results in ``result_backend`` or ``CRM_STATES_RESULT_BACKEND``, else in the broker when it is
+    Redis. JSON only: the tasks take and return plain data. No task is registered here."""
+    broker = broker_url or os.environ.get("CRM_STATES_BROKER_URL") or DEFAULT_BROKER_URL
+    backend = result_backend or os.environ.get("CRM_STATES_RESULT_BACKEND") or (
+        broker if broker.startswith(("redis://", "rediss://")) else None)
+    app = Celery("crm_states", broker=broker, backend=backend)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    broker_connection_retry_on_startup=True, result_expires=7 * 24 * 3600)
+    return app
+
+
+def register_tasks(app: Celery, *, open_states: Callable[[], CrmStates] | None = None,
+                   max_retries: int = DEFAULT_MAX_RETRIES, retry_backoff: int | None = None) -> CrmTasks:
+    """Register ``crm_states.run_signup``, ``crm_states.validate_chunk`` and ``crm_states.sync_sustainers``
+    on ``app`` (Sefaria's own app, or ``make_app()``). ``open_states`` gives the ``CrmStates`` a task uses
+    (default: ``shared_states``, from the environment). ``retry_backoff`` defaults to
+    ``CRM_STATES_RETRY_BACKOFF`` or 30 seconds.
+
+    ``acks_late``: a worker that dies mid-task leaves the message to be delivered again, which is safe
+    for the same reason retries are."""
+    states = open_states or shared_states
+    backoff = retry_backoff or int(os.environ.get("CRM_STATES_RETRY_BACKOFF") or DEFAULT_RETRY_BACKOFF)
+    options: dict[str, Any] = {
+        # shared=False: the tasks belong to ``app`` alone, never to every app created later in the process
+        # (Celery's default), so Sefaria's registration with its own ``open_states`` is the one that runs.
+        "bind": True, "shared": False, "acks_late": True, "max_retries": max_retries,
+        "autoretry_for": (CrmTransientError,), "dont_autoretry_for": (CrmLimitExceeded,),
+        "retry_backoff": backoff, "retry_backoff_max": 3600, "retry_jitter": True,
+    }
+
+    def run_signup_task(task: Task, user_id: int, email: str | None = None, first_name: str | None = None,
+                        last_name: str | None = None, lang: str = "en", educator: bool = False,
+                        restart: bool = False) -> dict[str, Any]:
+        """``CrmStates.run_signup`` for one new user; a retry restarts the run only if a transient CRM
+        failure stopped it."""
+        return _run_signup(task, states(), user_id, email=email, first_name=first_name, last_name=last_name,
+                           lang=lang, educator=educator, restart=restart)
+
+    def validate_chunk_task(task: Task, profile_ids: Sequence[int] | None = None,
+                            id_range: Sequence[int] | None = None) -> dict[str, Any]:
+        """Validate the chunk's pending NationBuilder profiles: one batched CRM lookup, bulk writes."""
+        return _validate_chunk(task, states(), profile_ids=profile_ids, id_range=id_range)
+
+    def sync_sustainers_task(task: Task, force: bool = False, dry_run: bool = False,
+                             max_demote_share: float = DEFAULT_MAX_DEMOTE_SHARE,
+                             batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+        """The weekly sustainer sync; ``force`` demotes beyond ``max_demote_share``."""
+        return _sync_sustainers(task, states(), force=force, dry_run=dry_run, max_demote_share=max_demote_share,
+                                batch_size=batch_size)
+
+    return CrmTasks(
+        run_signup=app.task(name="crm_states.run_signup", **options)(run_signup_task),
+        validate_chunk=app.task(name="crm_states.validate_chunk", **options)(validate_chunk_task),
+        sync_sustainers=app.task(name="crm_states.sync_sustainers", **options)(sync_sustainers_task),
+    )
+
+
+# --- the task bodies (plain functions: ``task`` is only asked for its attempt number) -------------------
+
+def _run_signup(task: Task, app: CrmStates, user_id: int, *, email: str | None = None,
+               first_name: str | None = None, last_name: str | None = None, lang: str = "en",
+               educator: bool = False, restart: bool = False) -> dict[str, Any]:
+    """The first attempt is ``crm-states signup``; a retry restarts the run only from the failure state a
+    transient CRM error left, as ``crm-states resume`` would (never from the final state)."""
+    if _attempt(task) > 1 and not restart:
+        restart = bool(_stopped_by_transient(app, signup.NAME, {"id": user_id}))
+    result = app.run_signup(user_id, email=email, first_name=first_name, last_name=last_name, lang=lang,
+                            educator=educator, restart=restart)
+    summary = {"machine": signup.NAME, "attempt": _attempt(task), **_run_result(result)}
+    stuck = _stopped_by_transient(app, signup.NAME, {"id": user_id}) if result.finished else []
+    if stuck:
+        _retry_or_give_up(task, summary, stuck, signup.NAME)
+    return summary
+
+
+def _validate_chunk(task: Task, app: CrmStates, *, profile_ids: Sequence[int] | None = None,
+                   id_range: Sequence[int] | None = None) -> dict[str, Any]:
+    """Exactly the chunk's profiles still pending go through the runner's own per-chunk step (its range
+    query, ``CrmStates.validate_profiles``, its conflict handling and counting); a list of ids restricts
+    that step's query to the list. Profiles outside the chunk are never read. No range lease is taken:
+    the store's compare-and-set keeps a concurrent ``crm-states validate-nb`` from moving a profile twice.
+    A retry first re-drives the chunk's profiles that a transient CRM failure stopped (``resume``)."""
+    ids, bounds = _chunk(profile_ids, id_range)
+    where: dict[str, Any] = ({"id": {"$in": ids}} if ids is not None
+                             else {"id": {"$gte": bounds[0], "$lt": bounds[1]}})
+    count = len(ids) if ids is not None else min(bounds[1] - bounds[0], MAX_CHUNK)
+    runner = ValidationRunner(app, RunnerConfig(chunk_size=max(1, count), concurrency=1))
+    report = RunnerReport()
+    progress = Progress(count, stream=io.StringIO())  # log lines, never a progress bar, in a worker
+    if _attempt(task) > 1:
+        stuck = _stopped_by_transient(app, nb.NAME, where, PROJECTION)
+        if stuck:
+            runner.record(app.redrive(nb.NAME, stuck), report, progress)
+    if not report.stopped:
+        runner.validate_chunk(where, count, report, progress)
+    chunk = Counter(position_of(p, nb.NAME).state or "not started"
+                    for p in app.store.profiles.find(where, {"_id": 0, "id": 1, state_field(nb.NAME): 1}))
+    summary = {"machine": nb.NAME, "attempt": _attempt(task),
+               "chunk": {"profile_ids": len(ids)} if ids is not None else {"id_range": list(bounds)},
+               "processed": report.processed, "lookups": report.lookups, "states": dict(report.states),
+               "outcomes": dict(report.outcomes),
+               "stopped": report.stopped, "chunk_states": dict(chunk),
+               "pending_after": app.store.profiles.count_documents({**pending_filter(), **where})}
+    if not report.stopped:  # a halt is the CRM's API limit: never retried
+        stuck = _stopped_by_transient(app, nb.NAME, where)
+        if stuck:
+            _retry_or_give_up(task, summary, stuck, nb.NAME)
+    return summary
+
+
+def _sync_sustainers(task: Task, app: CrmStates, *, force: bool = False, dry_run: bool = False,
+                    max_demote_share: float = DEFAULT_MAX_DEMOTE_SHARE,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+    """``sync_sustainers``; a read that failed on a transient CRM error changed nothing, so it is retried."""
+    report = app.sync_sustainers(max_demote_share=max_demote_share, force=force, dry_run=dry_run,
+                                 batch_size=batch_size)
+    summary = {"machine": "sync_sustainers", "attempt": _attempt(task), **_sync_report(report)}
+    if report.read_failed and not report.read_limit and _is_transient(report.read_failed):
+        if task.max_retries is None or _attempt(task) <= task.max_retries:
+            raise CrmTransientError(f"the sustainer read failed: {report.read_failed}")
+        summary["retries_exhausted"] = True
+    return summary
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+def _chunk(profile_ids: Sequence[int] | None,
+           id_range: Sequence[int] | None) -> tuple[list[int] | None, tuple[int, int]]:
+    """``(ids or None, [lo, hi) bounds)`` from exactly one of a list of ids and a half-open id range."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if (profile_ids is None) == (id_range is None):
+        raise ValueError("validate_chunk takes profile_ids or id_range, exactly one of them")
+    if profile_ids is not None:
+        if isinstance(profile_ids, (str, bytes)) or not all(is_int(i) for i in profile_ids):
+            raise TypeError(f"profile_ids must be a list of ints (Sefaria's user ids), got {profile_ids!r:.200}")
+        ids = sorted(set(profile_ids))
+        if not ids or len(ids) > MAX_CHUNK:
+            raise ValueError(f"a chunk holds 1 to {MAX_CHUNK} profile ids, got {len(ids)}")
+        return ids, (ids[0], ids[-1] + 1)
+    assert id_range is not None
+    if len(id_range) != 2 or not all(is_int(i) for i in id_range) or id_range[0] >= id_range[1]:
+        raise ValueError(f"id_range must be [first id, end id) with first < end, got {id_range!r:.200}")
+    return None, (id_range[0], id_range[1])
+
+
+def _attempt(task: Task) -> int:
+    return int(getattr(task.request, "retries", 0) or 0) + 1
+
+
+def _transient_names() -> set[str]:
+    """``CrmTransientError`` and its subclasses, by the class name that starts a recorded error."""
+    names: set[str] = set()
+    todo: list[type] = [CrmTransientError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _is_transient(error: Any) -> bool:
+    """Whether a recorded error (``engine.describe``: ``"ClassName: message"``) is a transient CRM one."""
+    return isinstance(error, str) and error.partition(":")[0].strip() in _transient_names()
+
+
+def _stopped_by_transient(app: CrmStates, machine_name: str, where: Mapping[str, Any],
+                          projection: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The profiles of ``where`` whose run stopped in the machine's CRM-failure state on a transient error."""
+    field = state_field(machine_name)
+    found = app.store.profiles.find({**where, f"{field}.state": _CRM_FAILURE_STATE[machine_name]},
+                                    {"_id": 0, "id": 1, field: 1, **(projection or {})})
+    return [p for p in found if _is_transient(position_of(p, machine_name).detail.get("error"))]
+
+
+def _retry_or_give_up(task: Task, summary: dict[str, Any], stuck: Sequence[Mapping[str, Any]],
+                      machine_name: str) -> None:
+    """Raise ``CrmTransientError`` for Celery's autoretry while attempts remain; else mark the summary."""
+    if task.max_retries is None or _attempt(task) <= task.max_retries:
+        error = position_of(stuck[0], machine_name).detail.get("error")
+        raise CrmTransientError(f"{len(stuck)} profiles of {machine_name} stopped by a transient CRM failure, "
+                                f"e.g. profile {stuck[0]['id']}: {error}")
+    summary["retries_exhausted"] = True
+
+
+def _run_result(result: RunResult) -> dict[str, Any]:
+    return {"profile_id": result.profile_id, "state": result.state, "outcome": result.outcome,
+            "error": result.error, "journaled": result.journaled}
+
+
+def _sync_report(report: SyncReport) -> dict[str, Any]:
+    return {"dry_run": report.dry_run, "read_failed": report.read_failed, "read_limit": report.read_limit,
+            "refused": report.refused, "sustainers_in_crm": report.sustainers_in_crm, "matched": report.matched,
+            "unmatched": report.unmatched, "current_sustainers": report.current_sustainers,
+            "sustainers_without_crm_id": report.sustainers_without_crm_id, "to_promote": report.to_promote,
+            "to_demote": report.to_demote, "skipped": report.skipped, "changed": report.changed,
+            "problems": report.problems, "states": dict(report.states), "outcomes": dict(report.outcomes),
+            "seconds": round(report.seconds, 3)}
+
+
+#: The default app, for ``celery -A crm_states.celery_tasks worker``; building it connects to nothing.
+app = make_app()
+run_signup, validate_chunk, sync_sustainers = register_tasks(app)
