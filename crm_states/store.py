@@ -22,13 +22,16 @@ finds and applies it, exactly once, and removes documents that do not chain onto
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
+import pymongo
 from pymongo import ASCENDING, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
+from pymongo.write_concern import WriteConcern
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from .records import START, Position, ProfileWrite, Transition, new_run_id, transition_key
@@ -124,6 +127,10 @@ def _chains(position: Position, transitions: Sequence[Transition]) -> bool:
     return True
 
 
+#: The deadline for building one index on a large collection.
+INDEX_BUILD_SECONDS = 900.0
+
+
 class Store:
     """MongoDB persistence for any machine. Knows no diagram and no CRM."""
 
@@ -131,15 +138,41 @@ class Store:
         self.db = db
         self.profiles: Collection = db[profiles]
         self.transitions: Collection = db[transitions]
+        # The transition documents are the commit record, written before any CRM call they lead to, so
+        # they are acknowledged only once journaled: with w:1 alone, a server killed a moment later may
+        # drop them (SecantusDB loses its last ~100 ms) and a CRM side effect would go unrecorded. The
+        # profile update after them stays w:1: it is a cache of the history that settle() rebuilds.
+        self._commit_record = self.transitions.with_options(write_concern=_journaled(self.transitions.write_concern))
+        self._indexed: set[str] = set()
+        self._index_lock = threading.Lock()
 
     # --- set-up -------------------------------------------------------------------------------
     def ensure_indexes(self, machines: Iterable[str] = ()) -> None:
-        """Indexes for the compare-and-set, the history and "profiles of machine M in state S"."""
-        _ensure_index(self.profiles, [("id", ASCENDING)])
-        # crm_transitions needs none: its _id is the unique (machine, profile_id, seq, run_id) key.
-        for machine in machines:
-            _ensure_index(self.profiles, [(f"{state_field(machine)}.state", ASCENDING),
-                                          (f"{state_field(machine)}.at", ASCENDING)])
+        """The ``id`` index of the compare-and-set, and the state index of each machine named.
+
+        A machine's state index serves "profiles of machine M in state S"; every index also makes each
+        profile update dearer, so a store builds it the first time it commits, lists or counts for that
+        machine (see ``_index_for``), never for machines this process does not use.
+        """
+        # Building an index over a million profiles can outlast the client's socket timeout.
+        with self._index_lock, pymongo.timeout(INDEX_BUILD_SECONDS):
+            if "" not in self._indexed:
+                _ensure_index(self.profiles, [("id", ASCENDING)])
+                self._indexed.add("")
+            # crm_transitions needs none: its _id is the unique (machine, profile_id, seq, run_id) key.
+            for machine in machines:
+                if machine not in self._indexed:
+                    _ensure_index(self.profiles, [(f"{state_field(machine)}.state", ASCENDING),
+                                                  (f"{state_field(machine)}.at", ASCENDING)])
+                    self._indexed.add(machine)
+
+    def _index_for(self, machines: Iterable[str]) -> None:
+        missing = [m for m in machines if m not in self._indexed]
+        if missing:
+            try:
+                self.ensure_indexes(missing)
+            except PyMongoError as exc:  # the write itself will meet the outage and report it
+                log.warning("could not build the state index of %s: %s", ", ".join(missing), type(exc).__name__)
 
     # --- reads --------------------------------------------------------------------------------
     def get_profile(self, profile_id: int) -> dict[str, Any] | None:
@@ -157,10 +190,12 @@ class Store:
     def profiles_in_state(self, machine: str, state: str, *, limit: int = 0,
                           projection: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Profiles of ``machine`` now in ``state``, oldest first (an indexed query)."""
+        self._index_for([machine])
         cursor = self.profiles.find({f"{state_field(machine)}.state": state}, projection)
         return iter(cursor.sort(f"{state_field(machine)}.at", ASCENDING).limit(limit))
 
     def count_by_state(self, machine: str) -> dict[str, int]:
+        self._index_for([machine])
         field = f"${state_field(machine)}.state"
         pipeline = [{"$match": {f"{state_field(machine)}.state": {"$exists": True}}},
                     {"$group": {"_id": field, "n": {"$sum": 1}}}]
@@ -200,6 +235,7 @@ class Store:
         documents are the commit record and ``settle`` applies them.
         """
         results: list[StoreError | None] = [None] * len(steps)
+        self._index_for({step.machine for step in steps})
         docs: list[dict[str, Any]] = []
         owner: list[int] = []
         for i, step in enumerate(steps):
@@ -209,7 +245,7 @@ class Store:
         if not docs:
             return results
         try:
-            self.transitions.insert_many(docs, ordered=False)
+            self._commit_record.insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             refused = {err["index"] for err in exc.details.get("writeErrors", [])}
             for err in exc.details.get("writeErrors", []):
@@ -337,6 +373,14 @@ class Store:
             log.warning("journaled write for profile %s not applied: the profile is gone or holds other values",
                         profile_id)
         return result.modified_count > 0
+
+
+def _journaled(concern: WriteConcern) -> WriteConcern:
+    """``concern`` (the URL's, w:majority say) with ``j: true`` added, unless it is unacknowledged."""
+    document = concern.document
+    if document.get("w") == 0:
+        return concern
+    return WriteConcern(**{**document, "j": True})
 
 
 def _ensure_index(collection: Collection, keys: list[tuple[str, int]], **options: Any) -> None:

@@ -79,9 +79,19 @@ def test_batch_validation_uses_one_crm_lookup(app: CrmStates, db, crm: InMemoryC
     assert {p["id"] for p in app.profiles_in_state(nb.NAME, "WroteNotFound")} == set(range(2, 51, 2))
 
 
-def test_profiles_in_state_is_an_indexed_query(app: CrmStates, db) -> None:
+def test_a_machine_gets_its_state_index_when_first_used_and_no_other_machine_does(app: CrmStates, db) -> None:
+    def state_indexes() -> list[list[str]]:
+        return [[field for field, _ in info["key"]] for info in db.profiles.index_information().values()
+                if info["key"][0][0].startswith("crm_state.")]
+
+    assert state_indexes() == []  # opening builds none: each one makes every profile update dearer
+    db.profiles.insert_one({"id": 1, "nationbuilder_id": 7})
+    app.validate_profile(1)
+    assert state_indexes() == [[f"crm_state.{nb.NAME}.state", f"crm_state.{nb.NAME}.at"]]
     plan = db.profiles.find({f"crm_state.{nb.NAME}.state": "WroteNotFound"}).explain()["queryPlanner"]["winningPlan"]
     assert "IXSCAN" in str(plan)
+    app.store.count_by_state(signup.NAME)  # listing or counting a machine builds its index too
+    assert len(state_indexes()) == 2
 
 
 class BarrierStore(Store):

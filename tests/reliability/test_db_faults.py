@@ -183,9 +183,6 @@ def test_database_stopped_and_killed_mid_run(server: MongoServer, fake: FakeSale
            duplicate_app_users=sum(n - 1 for n in by_email.values() if n > 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (RELIABILITY.md, bug 5): commits use the default write concern, which SecantusDB acknowledges "
-    "before its journal is on disk, and a commit whose profile update cannot be settled is still reported done"))
 def test_the_write_ahead_record_survives_a_database_crash(server: MongoServer, fake: FakeSalesforce,
                                                            tmp_path: Path) -> None:
     """The signup's transitions up to RequestAddToSalesforce are committed (acknowledged) before the create
