@@ -64,6 +64,11 @@ def soql_quote(value: str) -> str:
     """
     if not isinstance(value, str):
         raise TypeError(f"soql_quote wants a str, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no request could carry it
+        raise CrmRejected(f"not valid Unicode text (a lone surrogate at position {exc.start}): "
+                          f"{short(ascii(value), 80)}") from None
     return "'" + _SOQL_RESERVED.sub(lambda m: _SOQL_ESCAPES[m.group()], value) + "'"
 
 

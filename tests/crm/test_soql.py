@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crm_states.crm.errors import CrmRejected
 from crm_states.crm.http import RetryPolicy
 from crm_states.crm.salesforce import SalesforceConnectionManager, TokenCache, soql_quote
 from crm_states.testing.salesforce import FakeSalesforce, SoqlError, Token, parse_soql, tokenize_soql
@@ -16,7 +17,9 @@ USER = "Sefaria_App_User__c"
 EMAIL = "Sefaria_App_Email__c"
 
 #: Text heavy in the characters SOQL reserves, mixed with everything else.
-evil_text = st.text(st.one_of(st.sampled_from("\\'\"\n\r\t\f\b %_()=,"), st.characters()), max_size=40)
+# Any text a request can carry: lone surrogates cannot be encoded, and are refused (test below).
+evil_text = st.text(st.one_of(st.sampled_from("\\'\"\n\r\t\f\b %_()=,"),
+                              st.characters(blacklist_categories=("Cs",))), max_size=40)
 
 
 @pytest.mark.parametrize(("text", "literal"), [
@@ -83,3 +86,13 @@ def test_find_crm_id_sends_exactly_the_email_it_was_given(org, evil):
     assert (parsed.sobject, parsed.where_field, parsed.values) == (USER, EMAIL, (evil,))
     # earlier examples may hold the same email in another case (Salesforce compares case-insensitively)
     assert found == target or fake.record(USER, found)[EMAIL].lower() == evil.lower()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(before=st.text(max_size=10), surrogate=st.characters(whitelist_categories=("Cs",)))
+def test_text_with_a_lone_surrogate_is_refused_before_any_request(org, before, surrogate):
+    fake, client = org
+    sent = len(fake.soql_log)
+    with pytest.raises(CrmRejected, match="lone surrogate"):
+        client.find_crm_id(before + surrogate + "@example.org")
+    assert len(fake.soql_log) == sent
