@@ -139,14 +139,22 @@ def test_sigkill_at_random_instants_then_a_final_run_finishes(db, mongo_url: str
     command = [sys.executable, "-m", "crm_states.cli", "validate-nb", "--chunk-size", "100", "--concurrency", "2"]
     rng = random.Random(20261124)
     kills = 0
+    validated = {f"crm_state.{nb.NAME}.state": {"$exists": True}}
     for _ in range(6):
+        # A random instant of the run, whatever the machine's speed: once a random number of further
+        # profiles is written, plus a random fraction of a chunk's time.
+        target = db.profiles.count_documents(validated) + rng.randint(1, 400)
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.8, 2.5))
+        deadline = time.monotonic() + 60
+        while process.poll() is None and db.profiles.count_documents(validated) < target \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.1))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.wait(30)
-    assert kills >= 3
+    assert kills >= 5
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout + final.stderr
     assert_all_validated(db, found, 3000)
