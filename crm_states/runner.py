@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 import pymongo
+from pymongo.errors import ConnectionFailure, CursorNotFound
 
 from machines import nb_profile_validation as nb
 
@@ -31,6 +32,8 @@ from .store import state_field
 log = logging.getLogger("crm_states.runner")
 
 COUNT_SECONDS = 900.0
+#: How often in a row the pending-ids cursor is opened again after the server lost it.
+CURSOR_REOPENS = 3
 PROJECTION = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
               state_field(nb.NAME): 1}
 
@@ -178,15 +181,9 @@ class ValidationRunner:
 
     def _ranges(self, base: int, width: int) -> Iterator[tuple[int, list[int]]]:
         """``(range index, pending ids in it)`` in id order, from a cursor over ids only."""
-        cursor = self.profiles.find(pending_filter(), {"_id": 0, "id": 1}).sort("id", 1).batch_size(
-            self.config.chunk_size)
         current: int | None = None
         ids: list[int] = []
-        for doc in cursor:
-            pid = doc.get("id")
-            if not isinstance(pid, int) or isinstance(pid, bool):
-                log.warning("skipping a profile whose id is not an int: %r", pid)
-                continue
+        for pid in self._pending_ids():
             index = (pid - base) // width
             if current is not None and index != current:
                 yield current, ids
@@ -195,6 +192,34 @@ class ValidationRunner:
             ids.append(pid)
         if current is not None:
             yield current, ids
+
+    def _pending_ids(self) -> Iterator[int]:
+        """Pending int ids in order. A cursor the server lost (a restart, a failover) is opened again
+        after the last id seen, a few times: the work already claimed is not affected by it."""
+        last: int | None = None
+        failures = 0
+        while True:
+            where = pending_filter() if last is None else {**pending_filter(), "id": {"$gt": last}}
+            cursor = self.profiles.find(where, {"_id": 0, "id": 1}).sort("id", 1).batch_size(self.config.chunk_size)
+            try:
+                for doc in cursor:
+                    pid = doc.get("id")
+                    if not isinstance(pid, int) or isinstance(pid, bool):
+                        log.warning("skipping a profile whose id is not an int: %r", pid)
+                        continue
+                    failures = 0
+                    last = pid
+                    yield pid
+                return
+            except (CursorNotFound, ConnectionFailure) as exc:
+                failures += 1
+                if failures > CURSOR_REOPENS:
+                    raise
+                log.warning("the cursor over pending profiles was lost (%s); reopening it after id %s",
+                            type(exc).__name__, last)
+                time.sleep(min(2.0 * failures, 10.0))
+            finally:
+                cursor.close()
 
     def _validate_range(self, index: int, bounds: tuple[int, int], count: int, report: RunnerReport,
                         progress: Progress) -> None:

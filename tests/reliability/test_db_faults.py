@@ -89,8 +89,8 @@ def test_database_stopped_and_killed_mid_run(server: MongoServer, fake: FakeSale
     # runner's abandoned cursor on the dead server: its own noise, not a crash.)
     ours = re.findall(r'File "[^"]*/(?:crm_states|machines)/[^"]*"', runner_out + driver_out)
     assert not ours, runner_out[-3000:] + driver_out[-3000:]
-    assert re.search(r"^crm-states: database error: ", runner_out, re.M) or runner_code != 3, runner_out[-2000:]
-    assert runner_code in (0, 1, 3), runner_out[-2000:]  # done, done with problems, or the database went away
+    # The runner outlives the outage: its lost cursor over pending ids is opened again after the last id.
+    assert runner_code in (0, 1), runner_out[-2000:]  # done, or done with profiles in failure states
     driver_raised = [int(m) for m in re.findall(r"^user (\d+): \w+", driver_out, re.M)]
 
     # The journal: one entry per profile caught in a DB-failure state, also in the processes' logs.
