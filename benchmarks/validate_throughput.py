@@ -15,7 +15,9 @@ request 150 ms late (``--latency``). MongoDB is a SecantusDB process started her
     spawn to exit (interpreter start-up and imports included).
 
 Printed: profiles/s of both, the ratio (b)/(a), CRM requests per 10,000 profiles of (b) by kind, and the
-wall time of (b), each next to its target (ratio >= 100; <= 10 CRM requests per 10,000 profiles;
+wall time of (b), each next to its target (ratio >= 100; <= 10 CRM requests per 10,000 profiles, counted
+as Salesforce counts API requests against the daily allocation: the fake's api-usage counter, which leaves
+out the OAuth token request, printed apart with every other HTTP request;
 100,000 profiles in <= 120 s, which applies to ``--profiles 100000``). Then (b) is verified: every profile
 must end in WroteSalesforceAppUserUid (with the app user id the fake made) or WroteNotFound (with a
 NbProfileNotFoundInSalesforce CrmLog line) as seeded, checked with a count per state. Timings are wall
@@ -251,9 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             # (b) the runner
             fake.reset_counts()
+            usage_before = fake.api_usage
             wall, done = run_runner(url, names[1], fake, work, args.chunk_size, args.concurrency)
             counts = Counter(fake.counts)
             total = fake.total_requests
+            api_calls = fake.api_usage - usage_before
             rate = n / wall
             states, wrong = check_runner(db_runner, n, app_users)
             pending = db_runner.profiles.count_documents(pending_filter())
@@ -271,13 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
 
             ratio = rate / naive_rate
-            per_10k = total * 10_000 / n
+            per_10k = api_calls * 10_000 / n
             print("figures against targets")
             print(f"  naive (a): {naive_rate:10.2f} profiles/s   (sample of {sample})")
             print(f"  runner (b): {rate:9.0f} profiles/s   (all {n})")
             print(f"  ratio (b)/(a): {ratio:8.0f}            target >= {TARGET_RATIO:.0f}: {verdict(ratio >= TARGET_RATIO)}")
-            print(f"  CRM requests per 10,000 profiles (b): {per_10k:.1f} ({total} requests for {n})   "
-                  f"target <= {TARGET_REQUESTS_PER_10K:.0f}: {verdict(per_10k <= TARGET_REQUESTS_PER_10K)}")
+            print(f"  CRM API requests per 10,000 profiles (b): {per_10k:.1f} ({api_calls} for {n}; the fake's "
+                  f"api-usage counter)   target <= {TARGET_REQUESTS_PER_10K:.0f}: "
+                  f"{verdict(per_10k <= TARGET_REQUESTS_PER_10K)}")
+            print(f"  all HTTP requests to the fake (b), the OAuth token requests included: {total} = "
+                  f"{total * 10_000 / n:.1f} per 10,000")
             for kind, count in sorted(counts.items()):
                 print(f"      {kind:<20} {count:>6}   = {count * 10_000 / n:7.1f} per 10,000")
             if fake.fault_counts:

@@ -138,7 +138,9 @@ class ValidationRunner:
             report.processed = min(report.pending_at_start, self.config.limit or report.pending_at_start)
             report.stopped = "dry run: nothing was claimed, sent or written"
             return report
-        base, width = self.leases.agree_ranges(self.config.chunk_size, *self._proposed_ranges(report.pending_at_start))
+        with pymongo.timeout(COUNT_SECONDS):  # two sorted scans of the pending profiles: as slow as the count
+            proposed = self._proposed_ranges(report.pending_at_start)
+        base, width = self.leases.agree_ranges(self.config.chunk_size, *proposed)
         progress = self.make_progress(min(report.pending_at_start, self.config.limit or report.pending_at_start))
         budget = self.config.limit
         in_flight: deque[Future[None]] = deque()
