@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 import uuid
 
@@ -96,6 +97,19 @@ class RangeLeases:
             return False
         result = self.collection.update_one({"_id": key, "owner": holder}, {"$set": mine})
         return result.modified_count == 1
+
+    def prune(self) -> int:
+        """Delete the leases of these ranges that expired or whose owner died on this host (a runner
+        killed with SIGKILL never releases them); returns how many. They block nothing, but they would
+        pile up in ``crm_leases`` and look like work in progress."""
+        now = utcnow()
+        stale = [(doc["_id"], doc["owner"])
+                 for doc in self.collection.find({"_id": {"$regex": f"^{re.escape(self.prefix)}:"},
+                                                  "owner": {"$exists": True}})
+                 if (doc.get("until") is not None and _aware(doc["until"]) < now) or Owner.gone(doc["owner"])]
+        for key, holder in stale:  # only if the same holder still has it: a takeover meanwhile is kept
+            self.collection.delete_one({"_id": key, "owner": holder})
+        return len(stale)
 
     def release(self, index: int) -> None:
         self.collection.delete_one({"_id": f"{self.prefix}:{index}", "owner": self.owner.key})

@@ -141,6 +141,8 @@ class ValidationRunner:
         with pymongo.timeout(COUNT_SECONDS):  # two sorted scans of the pending profiles: as slow as the count
             proposed = self._proposed_ranges(report.pending_at_start)
         base, width = self.leases.agree_ranges(self.config.chunk_size, *proposed)
+        if pruned := self.leases.prune():
+            log.info("removed %d leases left by runners that died or expired", pruned)
         progress = self.make_progress(min(report.pending_at_start, self.config.limit or report.pending_at_start))
         budget = self.config.limit
         in_flight: deque[Future[None]] = deque()

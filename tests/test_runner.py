@@ -127,6 +127,10 @@ def test_leases_expire_and_dead_owners_are_taken_over(db) -> None:
     short = RangeLeases(db[LEASES], nb.NAME, seconds=-1, owner=Owner("elsewhere", 1, "x"))
     short.agree_ranges(100, 1, 100)
     assert short.claim(2) and mine.claim(2)  # expired
+    assert dead.claim(3) and short.claim(4) and mine.claim(5)
+    assert mine.prune() == 2  # the dead owner's and the expired one; the live lease stays
+    held = {lease["_id"].rsplit(":", 1)[1] for lease in db[LEASES].find({"owner": {"$exists": True}})}
+    assert held == {"0", "1", "2", "5"}
 
 
 def test_sigkill_at_random_instants_then_a_final_run_finishes(db, mongo_url: str, fake: FakeSalesforce) -> None:
