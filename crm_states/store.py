@@ -31,8 +31,8 @@ import pymongo
 from pymongo import ASCENDING, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.write_concern import WriteConcern
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.write_concern import WriteConcern
 
 from .records import START, Position, ProfileWrite, Transition, new_run_id, transition_key
 
