@@ -10,6 +10,7 @@ killed with SIGKILL and started again does not wait for the expiry.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import socket
@@ -17,11 +18,12 @@ import uuid
 
 import attrs
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from .records import utcnow
 
 LEASES = "crm_leases"
+log = logging.getLogger("crm_states.leases")
 
 
 def _alive(pid: int) -> bool:
@@ -112,7 +114,13 @@ class RangeLeases:
         return len(stale)
 
     def release(self, index: int) -> None:
-        self.collection.delete_one({"_id": f"{self.prefix}:{index}", "owner": self.owner.key})
+        """Give the range back. If the database cannot be reached the lease is left to expire (or to be
+        pruned): the range's work is done either way, and failing here would lose nothing but the run."""
+        try:
+            self.collection.delete_one({"_id": f"{self.prefix}:{index}", "owner": self.owner.key})
+        except PyMongoError as exc:
+            log.warning("could not release lease %s:%s (%s); it expires in %gs", self.prefix, index,
+                        type(exc).__name__, self.seconds)
 
 
 def _aware(at: dt.datetime) -> dt.datetime:

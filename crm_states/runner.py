@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pymongo
@@ -32,8 +32,15 @@ from .store import state_field
 log = logging.getLogger("crm_states.runner")
 
 COUNT_SECONDS = 900.0
-#: How often in a row the pending-ids cursor is opened again after the server lost it.
-CURSOR_REOPENS = 3
+#: How often in a row the runner's own reads and lease claims are tried again while the database is
+#: unreachable (a restart, a failover): with the waits of ``_backoff`` and pymongo's server selection,
+#: about half a minute. Validation writes have their own path: a failed commit is a DB-failure state.
+DB_RETRIES = 3
+T = TypeVar("T")
+
+
+def _backoff(failure: int) -> float:
+    return min(2.0 * failure, 10.0)
 PROJECTION = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
               state_field(nb.NAME): 1}
 
@@ -154,7 +161,7 @@ class ValidationRunner:
                     _reap(in_flight)
                     if not self._within_api_budget(report, reserved=len(in_flight)):
                         break
-                    if not self.leases.claim(index):
+                    if not self._outlasting_outages(lambda: self.leases.claim(index)):
                         report.skipped_ranges += 1
                         continue
                     take = ids if budget is None else ids[:budget]
@@ -217,13 +224,24 @@ class ValidationRunner:
                 return
             except (CursorNotFound, ConnectionFailure) as exc:
                 failures += 1
-                if failures > CURSOR_REOPENS:
+                if failures > DB_RETRIES:
                     raise
                 log.warning("the cursor over pending profiles was lost (%s); reopening it after id %s",
                             type(exc).__name__, last)
-                time.sleep(min(2.0 * failures, 10.0))
+                time.sleep(_backoff(failures))
             finally:
                 cursor.close()
+
+    @staticmethod
+    def _outlasting_outages(call: Callable[[], T]) -> T:
+        """``call()``, tried again after a short wait when the database is unreachable, a few times."""
+        for failure in range(1, DB_RETRIES + 1):
+            try:
+                return call()
+            except ConnectionFailure as exc:
+                log.warning("database unreachable (%s); trying again", type(exc).__name__)
+                time.sleep(_backoff(failure))
+        return call()
 
     def _validate_range(self, index: int, bounds: tuple[int, int], count: int, report: RunnerReport,
                         progress: Progress) -> None:
@@ -240,7 +258,9 @@ class ValidationRunner:
         """The per-chunk step: the pending profiles matching ``where`` (at most ``count``, in id order)
         through one batched CRM lookup and bulk writes, counted into ``report``. Takes no lease: the
         caller holds one (``run``) or relies on the store's compare-and-set (a Celery task)."""
-        profiles = list(self.profiles.find({**pending_filter(), **where}, PROJECTION).sort("id", 1).limit(count))
+        query = {**pending_filter(), **where}
+        profiles = self._outlasting_outages(
+            lambda: list(self.profiles.find(query, PROJECTION).sort("id", 1).limit(count)))
         results = self.app.validate_profiles(profiles) if profiles else []
         if any(r.outcome == "conflict" for r in results):
             results = self._after_conflicts(results)
@@ -252,7 +272,8 @@ class ValidationRunner:
         settled = {r.profile_id: r for r in results
                    if r.outcome == "conflict" and r.state in nb.SPEC.terminal}
         retry = [r.profile_id for r in results if r.outcome == "conflict" and r.profile_id not in settled]
-        again = list(self.profiles.find({**pending_filter(), "id": {"$in": retry}}, PROJECTION)) if retry else []
+        query = {**pending_filter(), "id": {"$in": retry}}
+        again = self._outlasting_outages(lambda: list(self.profiles.find(query, PROJECTION))) if retry else []
         redone = {r.profile_id: r for r in self.app.validate_profiles(again)} if again else {}
         return [redone.get(r.profile_id) or (RunResult(r.profile_id, r.state, "finished")
                                              if r.profile_id in settled else r) for r in results]
