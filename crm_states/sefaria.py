@@ -12,12 +12,11 @@ through ``user_id_for_email``: by default Django's ``User`` model when Django is
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
-from .api import CrmStates, connect
-from .crm import CrmError, crm_from_env
+from .api import CrmStates
+from .crm import CrmError
 from .records import ProfileWrite
 from .store import StoreError
 
@@ -32,8 +31,7 @@ class CrmMediator:
 
     def __init__(self, app: CrmStates | None = None, *,
                  user_id_for_email: Callable[[str], int | None] | None = None) -> None:
-        self.app = app or CrmStates.open(connect(), crm_from_env(),
-                                         journal_path=os.environ.get("CRM_STATES_JOURNAL"))
+        self.app = app or CrmStates.from_env()
         self._user_id_for_email = user_id_for_email or self._default_user_id_for_email
 
     # --- Sefaria's methods --------------------------------------------------------------------------
