@@ -207,7 +207,7 @@ def _sync_sustainers(task: Task, app: CrmStates, *, force: bool = False, dry_run
                                  batch_size=batch_size)
     summary = {"machine": "sync_sustainers", "attempt": _attempt(task), **_sync_report(report)}
     if report.read_failed and not report.read_limit and _is_transient(report.read_failed):
-        if task.max_retries is None or _attempt(task) <= task.max_retries:
+        if _retries_left(task):
             raise CrmTransientError(f"the sustainer read failed: {report.read_failed}")
         summary["retries_exhausted"] = True
     return summary
@@ -240,6 +240,11 @@ def _attempt(task: Task) -> int:
     return int(getattr(task.request, "retries", 0) or 0) + 1
 
 
+def _retries_left(task: Task) -> bool:
+    """Whether raising now still gets the task another attempt from Celery's autoretry."""
+    return task.max_retries is None or _attempt(task) <= task.max_retries
+
+
 def _transient_names() -> set[str]:
     """``CrmTransientError`` and its subclasses, by the class name that starts a recorded error."""
     names: set[str] = set()
@@ -268,7 +273,7 @@ def _stopped_by_transient(app: CrmStates, machine_name: str, where: Mapping[str,
 def _retry_or_give_up(task: Task, summary: dict[str, Any], stuck: Sequence[Mapping[str, Any]],
                       machine_name: str) -> None:
     """Raise ``CrmTransientError`` for Celery's autoretry while attempts remain; else mark the summary."""
-    if task.max_retries is None or _attempt(task) <= task.max_retries:
+    if _retries_left(task):
         error = position_of(stuck[0], machine_name).detail.get("error")
         raise CrmTransientError(f"{len(stuck)} profiles of {machine_name} stopped by a transient CRM failure, "
                                 f"e.g. profile {stuck[0]['id']}: {error}")

@@ -18,7 +18,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from .api import MACHINES, connect
-from .crm.errors import CrmError, CrmLimitExceeded
+from .crm.errors import CrmConfigError, CrmError, CrmLimitExceeded
 from .store import ProfileNotFound, StoreUnavailable
 from .testing.mongo import MongoServer, MongoServerError
 
@@ -92,25 +92,29 @@ def cmd_report(args: argparse.Namespace) -> int:
         return run_report(db, args, sys.stdout)
 
 
-def _crm() -> Any:
-    """The CRM named by ``CRM_TYPE`` and Sefaria's settings; a missing setting is a usage error."""
-    from .crm import CrmConfigError, crm_from_env
-
+@contextmanager
+def _crm_configuration() -> Iterator[None]:
+    """A missing or wrong CRM setting is a usage error (exit 2), said in one line."""
     try:
-        return crm_from_env()
+        yield
     except CrmConfigError as exc:
         raise CliError(f"CRM configuration: {exc}") from exc
+
+
+def _crm() -> Any:
+    """The CRM named by ``CRM_TYPE`` and Sefaria's settings."""
+    from .crm import crm_from_env
+
+    with _crm_configuration():
+        return crm_from_env()
 
 
 def _app(db: Database, args: argparse.Namespace) -> Any:
     """``CrmStates.from_env`` (shared with the Celery tasks); the journal defaults to the data dir's."""
     from .api import CrmStates
-    from .crm import CrmConfigError
 
-    try:
+    with _crm_configuration():
         return CrmStates.from_env(db, journal_path=str(Path(args.data_dir) / "journal.jsonl"))
-    except CrmConfigError as exc:
-        raise CliError(f"CRM configuration: {exc}") from exc
 
 
 def cmd_validate_nb(args: argparse.Namespace) -> int:
