@@ -61,6 +61,7 @@ NB_FIELD = "NationBuilder_Id__c"
 WRAPPER = """\
 import functools, os, resource, sys, threading, time
 import crm_states.cli
+import crm_states.cli.common
 import crm_states.runner, crm_states.crm.salesforce
 from crm_states.api import connect
 
@@ -71,7 +72,7 @@ def status(*keys):
 print(f"RUNNER_IMPORTED_MAXRSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True)
 timeout = os.environ.get("BENCH_SOCKET_TIMEOUT_MS")
 if timeout:
-    crm_states.cli.connect = functools.partial(connect, socketTimeoutMS=int(timeout))
+    crm_states.cli.common.connect = functools.partial(connect, socketTimeoutMS=int(timeout))
 started = time.monotonic()
 
 def sample():

@@ -26,20 +26,26 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 
 from machines import sync_sustainers as machine
 
 from .crm.errors import CrmLimitExceeded
-from .engine import describe
-from .store import state_field
-
-if TYPE_CHECKING:
-    from .api import CrmStates
+from .engine import Engine, describe
+from .store import Store, state_field
 
 log = logging.getLogger("crm_states.sustainers")
+
+
+class CrmStates(Protocol):
+    """What the sync needs of ``crm_states.api.CrmStates`` (named here so this module does not import it)."""
+
+    store: Store
+    crm: Any
+
+    def engine(self, name: str) -> Engine: ...
 
 DEFAULT_MAX_DEMOTE_SHARE = 0.1
 DEFAULT_BATCH_SIZE = 1000

@@ -18,6 +18,7 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, monitoring
 from crm_states import report
 from crm_states.api import MACHINES, CrmStates
 from crm_states.cli import CliError, build_parser, main
+from crm_states.cli.report_command import run_report
 from crm_states.crm import CrmRejected, CrmTransientError
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.mermaid import parse_diagram
@@ -112,7 +113,7 @@ def _args(*flags: str):
 
 def _run(db, *flags: str) -> str:
     out = io.StringIO()
-    assert report.run_report(db, _args(*flags), out) == 0
+    assert run_report(db, _args(*flags), out) == 0
     return out.getvalue()
 
 
@@ -334,7 +335,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags_are_one_line_usage_errors(db, flags: list[str], message: str) -> None:
     with pytest.raises(CliError) as caught:
-        report.run_report(db, _args(*flags), io.StringIO())
+        run_report(db, _args(*flags), io.StringIO())
     assert caught.value.code == 2
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
@@ -367,4 +368,4 @@ def test_a_closed_pipe_ends_the_report_quietly(seeded) -> None:
             raise BrokenPipeError(32, "Broken pipe")
 
     for flags in ([], ["--json"], ["--state", "WroteNotFound", "--csv", "-"]):
-        assert report.run_report(seeded, _args(*flags), ClosedPipe()) == 0
+        assert run_report(seeded, _args(*flags), ClosedPipe()) == 0

@@ -1,0 +1,163 @@
+"""The ``crm-states`` command. Each subcommand says what it does in ``--help``; exit codes:
+0 done, 1 finished with problems to look at, 2 bad usage or configuration, 3 database unreachable,
+4 stopped early by the CRM's API limit or --max-api-calls (run again to resume)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pymongo.errors import PyMongoError
+
+from ..api import MACHINES
+from ..crm.errors import CrmError, CrmLimitExceeded
+from ..store import ProfileNotFound, StoreUnavailable
+from .commands import (
+    cmd_demo,
+    cmd_load_log,
+    cmd_replay,
+    cmd_resume,
+    cmd_signup,
+    cmd_sync_sustainers,
+    cmd_validate_nb,
+)
+from .common import (
+    EXIT_DB,
+    EXIT_LIMIT,
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    CliError,
+    add_common,
+    positive,
+    share,
+)
+from .report_command import cmd_report
+from .report_command import configure_parser as configure_report
+
+__all__ = ["main", "build_parser", "CliError", "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_DB", "EXIT_LIMIT"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crm-states", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run both machines on synthetic profiles against a local fake CRM",
+                          description="Start the embedded database and a fake CRM on loopback, seed synthetic "
+                                      "profiles, run NationBuilder-profile validation and new-user signups with a "
+                                      "mix of CRM and database faults, then print every path and the count per state.")
+    add_common(demo)
+    demo.add_argument("--profiles", type=positive, default=10_000,
+                      help="how many synthetic profiles (default 10,000)")
+    demo.add_argument("--seed", type=int, default=1, help="random seed of the synthetic data and faults")
+    demo.set_defaults(func=cmd_demo)
+
+    validate = sub.add_parser("validate-nb", help="validate every pending profile that has a nationbuilder_id",
+                              description="Stream profiles whose nationbuilder_id is truthy and whose validation is "
+                                          "not finished, claim id ranges with expiring leases, and drive each range "
+                                          "through the nb_profile_validation machine with one batched CRM lookup. "
+                                          "Safe to run several at once and to kill at any time: run it again to "
+                                          "resume. The CRM comes from CRM_TYPE and Sefaria's settings.")
+    add_common(validate)
+    validate.add_argument("--chunk-size", type=positive, default=1000, help="profiles per range (default 1000)")
+    validate.add_argument("--concurrency", type=positive, default=2, help="ranges worked at once (default 2)")
+    validate.add_argument("--limit", type=positive, help="stop after this many profiles")
+    validate.add_argument("--dry-run", action="store_true", help="count pending profiles; claim, send, write nothing")
+    validate.add_argument("--max-api-calls", type=positive, help="make at most this many batched CRM lookups "
+                                                                  "(one API call each while the ids fit one URL)")
+    validate.add_argument("--lease-seconds", type=float, default=300.0, help="how long a range lease lasts")
+    validate.set_defaults(func=cmd_validate_nb)
+
+    signup_cmd = sub.add_parser("signup", help="run the new-user signup machine for one user",
+                                description="What Sefaria's signup hook calls: create the app user in the CRM "
+                                            "and save its id. Safe to repeat: never creates a second app user.")
+    add_common(signup_cmd)
+    signup_cmd.add_argument("--user-id", type=int, required=True, help="Sefaria user id (profiles.id)")
+    signup_cmd.add_argument("--email", help="default: the profile's email")
+    signup_cmd.add_argument("--first-name")
+    signup_cmd.add_argument("--last-name")
+    signup_cmd.add_argument("--lang", default="en", choices=["en", "he"])
+    signup_cmd.add_argument("--educator", action="store_true")
+    signup_cmd.set_defaults(func=cmd_signup)
+
+    resume = sub.add_parser("resume", help="re-drive profiles stuck in a state",
+                            description="A new run from [*] for profiles in a stopped state (the CRM is asked "
+                                        "again), the journaled CRM result written without asking the CRM again for "
+                                        "DB-failure states, and the stopped run continued for mid-way states.")
+    add_common(resume)
+    resume.add_argument("--machine", required=True, help="the machine: " + ", ".join(MACHINES))
+    resume.add_argument("--state", required=True, help="the state whose profiles to re-drive")
+    resume.add_argument("--limit", type=positive, help="at most this many profiles")
+    resume.set_defaults(func=cmd_resume)
+
+    sync = sub.add_parser("sync-sustainers", help="the weekly sustainer sync: is_sustainer from the CRM",
+                          description="Read the whole sustainer set from the CRM (nothing changes if the read "
+                                      "fails or is incomplete), then set is_sustainer where a profile differs "
+                                      "(matched by sf_app_user_id), each change a persisted run of the "
+                                      "sync_sustainers machine, in batches. A second run changes nothing. Refuses "
+                                      "to demote more than --max-demote-share of the current sustainers unless "
+                                      "--force. Exit 0 done; 1 read failed, refused or some runs not finished; 4 the "
+                                      "CRM's API limit stopped the read.")
+    add_common(sync)
+    sync.add_argument("--max-demote-share", type=share, default=0.1,
+                      help="refuse to demote more than this share of the current sustainers (default 0.1)")
+    sync.add_argument("--force", action="store_true", help="demote even beyond --max-demote-share")
+    sync.add_argument("--dry-run", action="store_true", help="read the CRM and count the changes; write nothing")
+    sync.add_argument("--batch-size", type=positive, default=1000, help="profiles per bulk write (default 1000)")
+    sync.set_defaults(func=cmd_sync_sustainers)
+
+    replay = sub.add_parser("replay", help="apply journaled DB writes (a JSONL journal or an application log)",
+                            description="Apply every journal entry in FILE idempotently: replaying twice changes "
+                                        "nothing more. Lines that are not journal entries are skipped and counted.")
+    add_common(replay)
+    replay.add_argument("file", help="journal JSONL or application log")
+    replay.set_defaults(func=cmd_replay)
+
+    load = sub.add_parser("load-log", help="load the interim CRM log (CRM_TYPE=LOG) into the CRM",
+                          description="The migration's 'load log data to Salesforce': send every entry of the log "
+                                      "once (a second load sends nothing twice) to the CRM named by CRM_TYPE.")
+    load.add_argument("file", help="the CRM_LOG_PATH file")
+    load.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    load.set_defaults(func=cmd_load_log)
+
+    report = sub.add_parser("report", help="count profiles in each state of each machine")
+    add_common(report)
+    configure_report(report)
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("crm_states.runner").setLevel(logging.INFO)  # progress lines when not on a terminal
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        print(f"crm-states: {exc}", file=sys.stderr)
+        return exc.code
+    except ProfileNotFound as exc:
+        print(f"crm-states: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreUnavailable as exc:
+        print(f"crm-states: database error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return EXIT_DB
+    except CrmLimitExceeded as exc:
+        print(f"crm-states: the CRM's API limit is reached: {exc}; run again later", file=sys.stderr)
+        return EXIT_LIMIT
+    except CrmError as exc:
+        print(f"crm-states: CRM error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except PyMongoError as exc:
+        print(f"crm-states: database error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return EXIT_DB
+    except KeyboardInterrupt:
+        print("crm-states: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
