@@ -8,6 +8,7 @@ from .errors import (
     CrmError,
     CrmLimitExceeded,
     CrmNotFound,
+    CrmNotSupported,
     CrmRejected,
     CrmTransientError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "CrmAuthError",
     "CrmRejected",
     "CrmConfigError",
+    "CrmNotSupported",
     "SalesforceConnectionManager",
     "SalesforceSchema",
     "NationbuilderConnectionManager",

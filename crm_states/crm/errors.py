@@ -66,3 +66,14 @@ class CrmRejected(CrmError):
 
 class CrmConfigError(CrmError):
     """The CRM is not configured correctly (a missing setting, an unknown CRM_TYPE)."""
+
+
+class CrmNotSupported(CrmConfigError):
+    """The configured CRM cannot do what was asked (``CRM_TYPE=NONE`` or ``LOG`` asked for a lookup): no
+    answer exists, so a machine must never turn this into a verdict such as "not found". ``needs`` names the
+    ``CRM_TYPE`` values that can do it."""
+
+    def __init__(self, message: str, *, needs: tuple[str, ...] = ("SALESFORCE",)) -> None:
+        super().__init__(message)
+        self.needs = needs
+
