@@ -1,26 +1,62 @@
-"""Shared fixtures: a real MongoDB wire-protocol server (SecantusDB as a separate process, or the
-MongoDB at CRM_STATES_TEST_MONGO_URL) and a fresh database per test."""
+"""Shared fixtures: a real MongoDB server as a separate process and a fresh database per test.
+
+One switch chooses the server for the whole run: ``pytest --backend secantus|mongod|mongod-rs``, or the
+environment variable ``CRM_STATES_TEST_BACKEND`` (the option wins; default ``secantus``). SecantusDB is
+a MongoDB wire-protocol server written in Python; ``mongod`` is a genuine MongoDB 6.0 standalone and
+``mongod-rs`` the same as a single-node replica set. ``CRM_STATES_TEST_MONGO_URL`` points the shared
+database at a MongoDB of your own instead; tests that stop, kill, restart or fail-point their server
+still start a private one of the chosen kind (``mongo_server_factory``).
+"""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from crm_states.testing.mongo import MongoServer
+from crm_states.testing.mongo import KINDS, MongoServer
+
+BACKEND_ENV = "CRM_STATES_TEST_BACKEND"
+URL_ENV = "CRM_STATES_TEST_MONGO_URL"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--backend", choices=KINDS, default=None,
+                     help=f"the database server of the run: {', '.join(KINDS)} (default: ${BACKEND_ENV}, else secantus)")
+
+
+def backend_of(config: pytest.Config) -> str:
+    chosen = config.getoption("--backend") or os.environ.get(BACKEND_ENV) or "secantus"
+    if chosen not in KINDS:
+        raise pytest.UsageError(f"{BACKEND_ENV}={chosen!r}: expected one of {', '.join(KINDS)}")
+    return chosen
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    url = os.environ.get(URL_ENV)
+    shared = f"the MongoDB at {URL_ENV}" if url else "a server started for the run"
+    return f"database backend: {backend_of(config)} (shared database: {shared})"
 
 
 @pytest.fixture(scope="session")
-def mongo_url() -> Iterator[str]:
-    url = os.environ.get("CRM_STATES_TEST_MONGO_URL")
+def backend(pytestconfig: pytest.Config) -> str:
+    """The server kind of this run: ``secantus``, ``mongod`` or ``mongod-rs``."""
+    return backend_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def mongo_url(backend: str) -> Iterator[str]:
+    url = os.environ.get(URL_ENV)
     if url:
         yield url
         return
-    with MongoServer(":memory:") as server:
+    with MongoServer(":memory:", kind=backend) as server:
         yield server.url
 
 
@@ -36,3 +72,25 @@ def db(mongo_client: MongoClient) -> Iterator[Database]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield mongo_client[name]
     mongo_client.drop_database(name)
+
+
+ServerFactory = Callable[..., MongoServer]
+
+
+@pytest.fixture
+def mongo_server_factory(backend: str, tmp_path: Path) -> Iterator[ServerFactory]:
+    """Starts a private server of the run's kind, for a test that stops, kills, restarts or fail-points
+    it: ``mongo_server_factory(storage=":memory:", test_commands=True)``. Its log is ``tmp_path/<kind>.log``
+    unless ``log_path`` says otherwise; every server it started is stopped after the test."""
+    started: list[MongoServer] = []
+
+    def start(storage: str | Path = ":memory:", **options: Any) -> MongoServer:
+        options.setdefault("log_path", tmp_path / f"{backend}-{len(started)}.log")
+        server = MongoServer(storage, kind=backend, **options)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
