@@ -130,12 +130,11 @@ def test_configuration_errors_are_one_line(env, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def failpoint_mongo() -> Iterator[tuple]:
+def failpoint_mongo(mongo_server_factory) -> Iterator[tuple]:
+    """A private server of the run's backend whose fail points the test may set."""
     from pymongo import MongoClient
 
-    from crm_states.testing import MongoServer
-
-    with MongoServer(":memory:", test_commands=True) as server:
-        client: MongoClient = MongoClient(server.url)
-        yield client, server.url
-        client.close()
+    server = mongo_server_factory(test_commands=True)
+    client: MongoClient = MongoClient(server.url)
+    yield client, server.url
+    client.close()

@@ -4,7 +4,6 @@ MongoDB at CRM_STATES_TEST_MONGO_URL): persistence, compare-and-set, roll-forwar
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -174,9 +173,9 @@ def test_bad_input_is_refused_and_changes_nothing(app: CrmStates, db, crm: InMem
 
 
 @pytest.fixture
-def failpoint_server() -> Iterator[MongoServer]:
-    with MongoServer(":memory:", test_commands=True) as server:
-        yield server
+def failpoint_server(mongo_server_factory) -> MongoServer:
+    """A private server of the run's backend whose fail points the test may set."""
+    return mongo_server_factory(test_commands=True)
 
 
 def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: MongoServer, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,14 +13,17 @@ from typing import Any
 
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
+from pymongo.uri_parser import parse_uri
 
 from ..api import connect
 from ..crm.errors import CrmConfigError
-from ..testing.mongo import MongoServer, MongoServerError
+from ..testing.mongo import KINDS, DataDirectoryHeld, MongoServer, MongoServerError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_DB, EXIT_LIMIT = 0, 1, 2, 3, 4
 DATA_DIR = Path(".crm-states")
 EMBEDDED_DB = "crm_states_demo"
+EMBEDDED_ENV = "CRM_STATES_EMBEDDED_SERVER"
+DEFAULT_EMBEDDED = "mongod"  # measured: see README, "Configuration"
 
 
 class CliError(Exception):
@@ -32,42 +36,133 @@ class CliError(Exception):
 
 @contextmanager
 def database(args: argparse.Namespace) -> Iterator[Database]:
-    """``MONGO_URL``/``--mongo-url`` when given; otherwise an embedded SecantusDB process keeping its
-    data under ``./.crm-states/`` so one command sees what the previous one left."""
-    url = args.mongo_url or os.environ.get("MONGO_URL")
-    if url:
-        db = connect(url, args.db or os.environ.get("MONGO_DB"))
-        _ping(db)
-        yield db
-        db.client.close()
+    """``MONGO_URL``/``--mongo-url`` when given; otherwise the embedded server (``--embedded-server``)
+    keeping its data under ``<data dir>/<kind>/`` so one command sees what the previous one left.
+    A bad URL or database name is a usage error naming the setting, before anything is started."""
+    url, url_setting = _setting(args.mongo_url, "--mongo-url", "MONGO_URL")
+    name, name_setting = _setting(args.db, "--db", "MONGO_DB")
+    if name is not None:
+        _check_db_name(name, name_setting)
+    if url is not None:
+        nodes = _check_url(url, url_setting)
+        db = connect(url, name)
+        try:
+            _ping(db, nodes, url_setting)
+            _say_if_empty(db, f"at {', '.join(nodes)}", args)
+            yield db
+        finally:
+            db.client.close()
         return
-    data = Path(args.data_dir)
+    kind = embedded_kind(args)
+    where = Path(args.data_dir) / kind
+    server = MongoServer(where / "data", kind=kind, log_path=where / "server.log",
+                         test_commands=getattr(args, "test_commands", False))
+    _say_if_old_layout(Path(args.data_dir), kind)
     try:
-        server = MongoServer(data / "db", log_path=data / "secantusd.log",
-                             test_commands=getattr(args, "test_commands", False)).start()
+        server.start()
+    except DataDirectoryHeld as exc:
+        raise CliError(f"{exc.holder.describe(where / 'data')}: stop it or use another --data-dir", EXIT_DB) from exc
     except MongoServerError as exc:
-        raise CliError(f"cannot start the embedded database: {exc}", EXIT_DB) from exc
+        raise CliError(f"cannot start the embedded database ({kind}): {exc}", EXIT_DB) from exc
     try:
-        db = connect(server.url, args.db or os.environ.get("MONGO_DB") or EMBEDDED_DB)
-        yield db
-        db.client.close()
+        db = connect(server.url, name or EMBEDDED_DB)
+        try:
+            _say_if_empty(db, f"in {where}", args)
+            yield db
+        finally:
+            db.client.close()
     finally:
         server.stop()
 
 
-def _ping(db: Database) -> None:
+def embedded_kind(args: argparse.Namespace) -> str:
+    """``--embedded-server``, else ``$CRM_STATES_EMBEDDED_SERVER``, else the faster one (mongod)."""
+    kind, setting = _setting(getattr(args, "embedded_server", None), "--embedded-server", EMBEDDED_ENV)
+    kind = DEFAULT_EMBEDDED if kind is None else kind
+    if kind not in KINDS:
+        raise CliError(f"{setting}={kind!r}: expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def _setting(given: str | None, flag: str, env: str) -> tuple[str | None, str]:
+    """The value of a flag, else of its environment variable, with the name to quote in an error."""
+    if given is not None:
+        return given, flag
+    return os.environ.get(env), env
+
+
+def _check_url(url: str, setting: str) -> list[str]:
+    """The URL's ``host:port`` list; an unparsable URL is a usage error (its text is never printed:
+    it may hold a password)."""
+    if not url.strip():
+        raise CliError(f"{setting} is set but empty: give a MongoDB URL, or unset it for the embedded database")
+    try:
+        parsed = parse_uri(url, warn=False)
+    except (ValueError, PyMongoError) as exc:
+        raise CliError(f"{setting} is not a valid MongoDB URL: {str(exc).splitlines()[0][:200]}") from None
+    if parsed.get("database") is not None:
+        _check_db_name(parsed["database"], f"the database of {setting}")
+    return [f"{host}:{port}" for host, port in parsed["nodelist"]]
+
+
+_BAD_DB_CHARACTERS = set('/\\. "$\0')
+
+
+def _check_db_name(name: str, setting: str) -> None:
+    """MongoDB's rule for database names on Linux: not empty, under 64 bytes, no slash, backslash, dot,
+    space, double quote, dollar or NUL."""
+    bad = sorted(set(name) & _BAD_DB_CHARACTERS)
+    if not name or bad or len(name.encode()) > 63:
+        why = ("is empty" if not name else f"contains {' '.join(repr(c) for c in bad)}" if bad
+               else "is longer than 63 bytes")
+        raise CliError(f"{setting}={name!r} is not a valid database name: it {why}")
+
+
+def _ping(db: Database, nodes: list[str], setting: str) -> None:
     try:
         db.client.admin.command("ping")
     except PyMongoError as exc:
-        raise CliError(f"cannot reach MongoDB: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                       EXIT_DB) from exc
+        raise CliError(f"cannot reach MongoDB at {', '.join(nodes)} ({setting}): {_cause(db, exc)}", EXIT_DB) from exc
+
+
+def _cause(db: Database, exc: PyMongoError) -> str:
+    """Why the servers did not answer (per server when there are several), without pymongo's topology
+    description and timeouts."""
+    causes = []
+    for description in db.client.topology_description.server_descriptions().values():
+        if description.error is not None:
+            address = "{}:{}".format(*description.address)
+            text = str(description.error).split(" (configured timeouts", 1)[0].removeprefix(f"{address}: ")
+            causes.append((address, text))
+    if len(causes) == 1:
+        return causes[0][1][:300]
+    if causes:
+        return "; ".join(f"{address}: {text}" for address, text in causes)[:300]
+    return str(exc).split(", Timeout:", 1)[0].split(" (configured timeouts", 1)[0].splitlines()[0][:300]
+
+
+def _say_if_empty(db: Database, where: str, args: argparse.Namespace) -> None:
+    """A database with no collections at all is new: most likely a mistyped ``--db`` or ``--data-dir``
+    (said for every command but the demo, which fills it)."""
+    if getattr(args, "command", None) != "demo" and not db.list_collection_names():
+        print(f"crm-states: the database {db.name} {where} is new and empty", file=sys.stderr)
+
+
+def _say_if_old_layout(data_dir: Path, kind: str) -> None:
+    old = data_dir / "db"
+    if kind == "secantus" and old.is_dir() and not (data_dir / kind / "data").exists():
+        print(f"crm-states: {old} holds SecantusDB data of an older layout; move it to {data_dir / kind / 'data'} "
+              "to use it", file=sys.stderr)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mongo-url", help="MongoDB URL (default: $MONGO_URL, else an embedded SecantusDB)")
+    parser.add_argument("--mongo-url", help="MongoDB URL (default: $MONGO_URL, else an embedded server)")
     parser.add_argument("--db", help="database name (default: $MONGO_DB, else crm_states_demo when embedded, "
                                      "sefaria otherwise)")
-    parser.add_argument("--data-dir", default=str(DATA_DIR), help="where the embedded database keeps its data")
+    parser.add_argument("--data-dir", default=str(DATA_DIR), help="where the embedded database keeps its data "
+                                                                  "(one subdirectory per server kind)")
+    parser.add_argument("--embedded-server", help=f"the embedded database without a URL: {', '.join(KINDS)} "
+                                                  f"(default: ${EMBEDDED_ENV}, else {DEFAULT_EMBEDDED})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 

@@ -180,7 +180,7 @@ class MongoServer:
             self.process = spawn(self._command(data, log), out)
         try:
             self.wait_ready()
-        except MongoServerError:
+        except BaseException:  # not ready, or interrupted meanwhile: no server left half-started
             self.kill()
             raise
         write_server_file(data, self.process.pid, self.port, self.kind)
@@ -217,8 +217,13 @@ class MongoServer:
     def wait_ready(self) -> None:
         """Until the server answers ``ping`` (and, for a replica set, is initiated and PRIMARY)."""
         deadline = time.monotonic() + self.start_timeout
+        while not _listening(self.port):  # before a client: pymongo waits 0.5 s between failed checks
+            self._check_running()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         client: MongoClient = MongoClient(f"mongodb://127.0.0.1:{self.port}/?directConnection=true",
-                                          serverSelectionTimeoutMS=250, connectTimeoutMS=250)
+                                          serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
         try:
             while time.monotonic() < deadline:
                 self._check_running()
@@ -227,7 +232,7 @@ class MongoServer:
                         return
                 except PyMongoError:
                     pass
-                time.sleep(0.05)
+                time.sleep(0.02)
         finally:
             client.close()
         raise MongoServerError(f"{self.program} did not get ready on port {self.port} in {self.start_timeout}s "
@@ -321,6 +326,12 @@ class MongoServer:
 
     def __repr__(self) -> str:
         return f"MongoServer(kind={self.kind!r}, port={self.port}, storage={self.storage_path!r})"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class _PortTaken(Exception):

@@ -28,6 +28,7 @@ from tests.reliability.checks import (
 
 HERE = Path(__file__).resolve().parent
 PROFILES = 10_000
+MORE_PROFILES = 2_000
 MID_RUN_KILLS = 20
 SIGNUPS = 300
 SIGNUP_KILLS = 12
@@ -40,26 +41,41 @@ def _finished(db, machine) -> int:
 
 def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str, fake: FakeSalesforce,
                                                               tmp_path: Path) -> None:
+    """Each kill lands at a random point of progress measured in the database (once a random number of
+    further transition documents is committed: the runner's next write may be the profile update, a
+    lease or another chunk's lookup), whatever the server's speed; when the work runs out before the
+    kills have landed, more profiles are added."""
     found = seed_nb_profiles(db, fake, PROFILES)
+    total = PROFILES
     env = cli_env(mongo_url, db.name, fake, tmp_path / "journal.jsonl")
     command = cli_command("validate-nb", "--chunk-size", "50", "--concurrency", "2")
     rng = random.Random(20_261_124)
     started = time.monotonic()
-    kills = mid_run = early = 0
+    kills = mid_run = early = lives_that_finished = 0
     dangling_after_kill: list[int] = []
     finished_after_kill: list[int] = []
     while mid_run < MID_RUN_KILLS or kills < MID_RUN_KILLS + 4:
+        pending = total - _finished(db, nb.NAME)
+        if pending < 200:  # the work ran out before the kills landed: add more
+            found.update(seed_nb_profiles(db, fake, MORE_PROFILES, first_id=total + 1))
+            total += MORE_PROFILES
+            pending += MORE_PROFILES
         queries = fake.counts["query"]
+        committed = db.crm_transitions.estimated_document_count()
         with open(tmp_path / "runner.log", "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         spawned = time.monotonic()
-        if rng.random() < 0.2:  # anywhere from start-up on: connecting, agreeing ranges, claiming leases
-            time.sleep(rng.uniform(0.05, 0.7))
-        else:  # once the runner works: lookups in flight, bulk writes, lease releases
-            wait_until(lambda: fake.counts["query"] > queries or process.poll() is not None, 30)
-            time.sleep(rng.uniform(0.0, 0.8))
+        if rng.random() < 0.2:  # anywhere in start-up: connecting, agreeing ranges, claiming leases
+            wait_until(lambda: fake.counts["query"] > queries or process.poll() is not None, rng.uniform(0.05, 1.0))
+        else:  # once a random share of what is left is done: about 1/(kills to go) of it on average
+            to_go = max(1, MID_RUN_KILLS - mid_run)
+            target = committed + 4 * rng.randint(1, max(1, 2 * pending // (to_go + 1)))
+            wait_until(lambda: db.crm_transitions.estimated_document_count() >= target or process.poll() is not None,
+                       60, interval=0.002)
         if process.poll() is not None:
-            break  # finished on its own: too few kills, asserted below
+            lives_that_finished += 1
+            assert lives_that_finished < 10, "the runs keep finishing before a kill lands"
+            continue  # finished on its own: more work comes next time round
         worked = fake.counts["query"] > queries
         process.kill()
         process.wait(30)
@@ -73,7 +89,7 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
         dangling_after_kill.append(db.crm_transitions.count_documents({}) - 4 * finished)
         assert time.monotonic() - spawned < 60
     assert mid_run >= MID_RUN_KILLS, f"only {mid_run} kills landed mid-run ({kills} in all)"
-    assert finished_after_kill[-1] < PROFILES, "the runs finished before the kills were done"
+    assert finished_after_kill[-1] < total, "the runs finished before the kills were done"
 
     killing = time.monotonic() - started
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -85,14 +101,14 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
               for p in db.profiles.find({}, {"_id": 0, "id": 1, f"crm_state.{nb.NAME}.state": 1})}
     expected = {pid: "WroteSalesforceAppUserUid" if pid in found else "WroteNotFound" for pid in states}
     lost = {pid: state for pid, state in states.items() if state != expected[pid]}
-    assert len(states) == PROFILES and not lost, f"{len(lost)} profiles lost, e.g. {list(lost.items())[:5]}"
+    assert len(states) == total and not lost, f"{len(lost)} profiles lost, e.g. {list(lost.items())[:5]}"
     wrong_ids = [p["id"] for p in db.profiles.find({"sf_app_user_id": {"$exists": True}}, {"id": 1, "sf_app_user_id": 1})
                  if found.get(p["id"]) != p["sf_app_user_id"]]
     assert not wrong_ids and db.profiles.count_documents({"sf_app_user_id": {"$exists": True}}) == len(found)
     # 0 histories that are not diagram paths; no transition twice, one run per profile.
     check = check_histories(db, nb.SPEC)
     check.assert_clean()
-    assert check.profiles == PROFILES and check.transitions == 4 * PROFILES
+    assert check.profiles == total and check.transitions == 4 * total
     assert set(check.per_profile.values()) == {4} and set(check.runs_per_profile.values()) == {1}
     # 0 duplicate app users: validation only reads; nothing was created, nothing doubled.
     assert len(fake.records(APP_USER)) == len(found)
@@ -103,7 +119,8 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
     stale = [lease["owner"] for lease in db.crm_leases.find({"owner": {"$exists": True}})]
     assert stale == [], stale
 
-    record("1a crashes: validate-nb SIGKILL", profiles=PROFILES, kills=kills, kills_mid_run=mid_run,
+    record("1a crashes: validate-nb SIGKILL", profiles=total, kills=kills, kills_mid_run=mid_run,
+           lives_that_finished=lives_that_finished,
            kills_during_startup=early, kills_between_the_two_writes=sum(d > 0 for d in dangling_after_kill),
            max_dangling_transition_docs=max(dangling_after_kill), finished_before_final_run=finished_after_kill[-1],
            lookups=fake.counts["query"], transitions=check.transitions, lost=len(lost),

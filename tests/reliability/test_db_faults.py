@@ -1,4 +1,4 @@
-"""2. Database faults: the SecantusDB process is stopped (SIGSTOP), then killed (SIGKILL) and restarted
+"""2. Database faults: the database server process is stopped (SIGSTOP), then killed (SIGKILL) and restarted
 on the same data directory while the batch runner and a batch of signups are running.
 
 Every profile caught either lands in its diagram's DB-failure state with one journal entry, or is simply
@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,10 +45,9 @@ SPECS = {nb.NAME: nb.SPEC, signup.NAME: signup.SPEC}
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[MongoServer]:
-    """SecantusDB on a data directory (not :memory:), so a restart keeps the data."""
-    with MongoServer(tmp_path / "db", log_path=tmp_path / "secantusd.log") as mongo:
-        yield mongo
+def server(mongo_server_factory, tmp_path: Path) -> MongoServer:
+    """A private server of the run's backend on a data directory that its restarts keep."""
+    return mongo_server_factory(tmp_path / "db", log_path=tmp_path / "server.log")
 
 
 @pytest.mark.parametrize("downtime", [0.0, 15.0], ids=["restart-at-once", "down-longer-than-server-selection"])

@@ -10,7 +10,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,9 +39,9 @@ def leaked(secret: str, text: str, window: int = 12) -> bool:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[MongoServer]:
-    with MongoServer(tmp_path / "db", log_path=tmp_path / "secantusd.log", test_commands=True) as mongo:
-        yield mongo
+def server(mongo_server_factory, tmp_path: Path) -> MongoServer:
+    """A private server of the run's backend: its log is searched too, and the test sets a fail point."""
+    return mongo_server_factory(tmp_path / "db", log_path=tmp_path / "server.log", test_commands=True)
 
 
 def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tmp_path: Path, caplog) -> None:
@@ -137,7 +136,7 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
     # Everything: captured logs, files, and every document of every collection of every database.
     texts["caplog"] = caplog.text
     texts["journal"] = journal.read_text(encoding="utf-8")
-    texts["secantusd.log"] = (tmp_path / "secantusd.log").read_text(encoding="utf-8", errors="replace")
+    texts["server log"] = (tmp_path / "server.log").read_text(encoding="utf-8", errors="replace")
     texts["exceptions"] = "\n".join(f"{e}\n{e!r}\n{e.args!r}" for e in errors)
     documents = 0
     client_dbs = client.list_database_names()
