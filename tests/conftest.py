@@ -5,7 +5,8 @@ environment variable ``CRM_STATES_TEST_BACKEND`` (the option wins; default ``sec
 a MongoDB wire-protocol server written in Python; ``mongod`` is a genuine MongoDB 6.0 standalone and
 ``mongod-rs`` the same as a single-node replica set. ``CRM_STATES_TEST_MONGO_URL`` points the shared
 database at a MongoDB of your own instead; tests that stop, kill, restart or fail-point their server
-still start a private one of the chosen kind (``mongo_server_factory``).
+still start a private one of the chosen kind (``mongo_server_factory``), and commands run without a
+URL use it as their embedded server (``CRM_STATES_EMBEDDED_SERVER``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def backend_of(config: pytest.Config) -> str:
     if chosen not in KINDS:
         raise pytest.UsageError(f"{BACKEND_ENV}={chosen!r}: expected one of {', '.join(KINDS)}")
     return chosen
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Commands the tests run without a URL (the demo, the embedded database) use the same kind of server.
+    os.environ["CRM_STATES_EMBEDDED_SERVER"] = backend_of(config)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
