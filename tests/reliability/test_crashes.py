@@ -39,12 +39,17 @@ def _finished(db, machine) -> int:
     return db.profiles.count_documents({f"crm_state.{machine}.state": {"$in": sorted(spec.terminal)}})
 
 
+def _pending_ids(db) -> list[int]:  # type: ignore[no-untyped-def]
+    done = {f"crm_state.{nb.NAME}.state": {"$in": sorted(nb.SPEC.terminal)}}
+    return sorted(p["id"] for p in db.profiles.find({"$nor": [done]}, {"_id": 0, "id": 1}))
+
+
 def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str, fake: FakeSalesforce,
                                                               tmp_path: Path) -> None:
-    """Each kill lands at a random point of progress measured in the database (once a random number of
-    further transition documents is committed: the runner's next write may be the profile update, a
-    lease or another chunk's lookup), whatever the server's speed; when the work runs out before the
-    kills have landed, more profiles are added."""
+    """Each kill lands at a random point of progress measured in the database (once the k-th pending
+    profile, k random, has its commit record or its profile update: the runner's next write may be that
+    update, a lease or another chunk's lookup), whatever the server's speed; when the work runs out
+    before the kills have landed, more profiles are added."""
     found = seed_nb_profiles(db, fake, PROFILES)
     total = PROFILES
     env = cli_env(mongo_url, db.name, fake, tmp_path / "journal.jsonl")
@@ -55,23 +60,29 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
     dangling_after_kill: list[int] = []
     finished_after_kill: list[int] = []
     while mid_run < MID_RUN_KILLS or kills < MID_RUN_KILLS + 4:
-        pending = total - _finished(db, nb.NAME)
-        if pending < 200:  # the work ran out before the kills landed: add more
+        pending = _pending_ids(db)
+        if len(pending) < 200:  # the work ran out before the kills landed: add more
             found.update(seed_nb_profiles(db, fake, MORE_PROFILES, first_id=total + 1))
+            pending += range(total + 1, total + MORE_PROFILES + 1)
             total += MORE_PROFILES
-            pending += MORE_PROFILES
         queries = fake.counts["query"]
-        committed = db.crm_transitions.estimated_document_count()
+        # The profile whose progress triggers the kill, and what to watch: its commit record (the kill may
+        # fall before its profile update) or its profile update. Point queries: cheap on every server,
+        # so the watching does not slow the runner down.
+        to_go = max(1, MID_RUN_KILLS - mid_run)
+        target = pending[rng.randint(1, max(1, 2 * len(pending) // (to_go + 1))) - 1]
+        watch = (db.crm_transitions, {"profile_id": target})
+        if rng.random() < 0.5 or db.crm_transitions.find_one(watch[1], {"_id": 1}):  # (a record left by a kill)
+            watch = (db.profiles, {"id": target, f"crm_state.{nb.NAME}.state": {"$in": sorted(nb.SPEC.terminal)}})
         with open(tmp_path / "runner.log", "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         spawned = time.monotonic()
         if rng.random() < 0.2:  # anywhere in start-up: connecting, agreeing ranges, claiming leases
             wait_until(lambda: fake.counts["query"] > queries or process.poll() is not None, rng.uniform(0.05, 1.0))
         else:  # once a random share of what is left is done: about 1/(kills to go) of it on average
-            to_go = max(1, MID_RUN_KILLS - mid_run)
-            target = committed + 4 * rng.randint(1, max(1, 2 * pending // (to_go + 1)))
-            wait_until(lambda: db.crm_transitions.estimated_document_count() >= target or process.poll() is not None,
-                       60, interval=0.002)
+            collection, query = watch
+            wait_until(lambda: collection.find_one(query, {"_id": 1}) is not None or process.poll() is not None,
+                       60, interval=0.005)
         if process.poll() is not None:
             lives_that_finished += 1
             assert lives_that_finished < 10, "the runs keep finishing before a kill lands"
