@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from crm_states.testing.mongo import MongoServer
+from crm_states.testing.mongo import MongoServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("MONGO_URL", "MONGO_DB", "CRM_STATES_EMBEDDED_SERVER")
@@ -62,8 +62,7 @@ def test_a_bad_database_name_is_one_usage_line(tmp_path: Path, name: str, why: s
 
 
 def test_an_unreachable_database_says_host_port_and_cause_without_the_password(tmp_path: Path) -> None:
-    with MongoServer(tmp_path / "gone") as server:  # a port that was just free
-        port = server.port
+    port = free_port()  # nothing listens there
     done = run(tmp_path, "report", MONGO_URL=f"mongodb://operator:s3cret-pw@127.0.0.1:{port}/?serverSelectionTimeoutMS=300")
     assert done.returncode == 3
     line = one_line(done)

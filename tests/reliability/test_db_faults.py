@@ -186,7 +186,7 @@ def test_database_stopped_and_killed_mid_run(server: MongoServer, fake: FakeSale
         pytest.xfail(f"{len(landed)} journal entries name a DB-failure state although their commit landed: the "
                      "server applied the insert before it was stopped and killed, the writer saw a network error, "
                      "journaled the write as failed and printed that state; the database holds the success state "
-                     "(nothing lost; replay finds it already applied). See RELIABILITY.md, noticed items.")
+                     "(nothing lost; replay finds it already applied)")
 
 
 def commits_that_landed(db, entries: list) -> set[tuple[str, int]]:  # type: ignore[no-untyped-def]
