@@ -29,7 +29,8 @@ URL_ENV = "CRM_STATES_TEST_MONGO_URL"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--backend", choices=KINDS, default=None,
-                     help=f"the database server of the run: {', '.join(KINDS)} (default: ${BACKEND_ENV}, else secantus)")
+                     help=f"the database server of the run: {', '.join(KINDS)} "
+                          f"(default: ${BACKEND_ENV}, else secantus)")
 
 
 def backend_of(config: pytest.Config) -> str:

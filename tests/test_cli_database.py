@@ -63,18 +63,22 @@ def test_a_bad_database_name_is_one_usage_line(tmp_path: Path, name: str, why: s
 
 def test_an_unreachable_database_says_host_port_and_cause_without_the_password(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    done = run(tmp_path, "report", MONGO_URL=f"mongodb://operator:s3cret-pw@127.0.0.1:{port}/?serverSelectionTimeoutMS=300")
+    done = run(tmp_path, "report",
+               MONGO_URL=f"mongodb://operator:s3cret-pw@127.0.0.1:{port}/?serverSelectionTimeoutMS=300")
     assert done.returncode == 3
     line = one_line(done)
     assert line == f"crm-states: cannot reach MongoDB at 127.0.0.1:{port} (MONGO_URL): [Errno 111] Connection refused"
     assert "s3cret" not in done.stderr + done.stdout
 
 
-def test_a_new_empty_database_is_said_in_one_line_and_the_command_goes_on(tmp_path: Path, mongo_url: str,
-                                                                          mongo_client: MongoClient, db) -> None:
+def test_a_new_empty_database_is_said_in_one_line_and_the_command_goes_on(tmp_path: Path, mongo_url: str, db) -> None:
     fresh = run(tmp_path, "report", "--json", MONGO_URL=mongo_url, MONGO_DB=db.name)
     assert fresh.returncode == 0 and fresh.stdout.startswith("{")
-    assert one_line(fresh) == f"crm-states: the database {db.name} at {mongo_url.split('/')[2]} is new and empty"
+    assert one_line(fresh) == (f"crm-states: the database {db.name} at {mongo_url.split('/')[2]} was new and empty "
+                               "(a mistyped --db or --data-dir?)")
+    # A command that fails on it says only why, in its one line.
+    failed = run(tmp_path, "report", "--machine", "nope", MONGO_URL=mongo_url, MONGO_DB=db.name)
+    assert failed.returncode == 2 and one_line(failed).startswith("crm-states: unknown machine 'nope'")
     db.profiles.insert_one({"id": 1})
     used = run(tmp_path, "report", "--json", MONGO_URL=mongo_url, MONGO_DB=db.name)
     assert used.returncode == 0 and used.stderr == ""
@@ -84,24 +88,26 @@ def test_a_new_empty_database_is_said_in_one_line_and_the_command_goes_on(tmp_pa
 def test_the_embedded_server_keeps_one_directory_per_kind(tmp_path: Path, kind: str) -> None:
     first = run(tmp_path, "report", "--json", "--embedded-server", kind)
     assert first.returncode == 0, first.stderr
-    assert one_line(first) == f"crm-states: the database crm_states_demo in .crm-states/{kind} is new and empty"
+    assert one_line(first) == (f"crm-states: the database crm_states_demo in .crm-states/{kind} was new and empty "
+                               "(a mistyped --db or --data-dir?)")
     assert sorted(p.name for p in (tmp_path / ".crm-states").iterdir()) == [kind]
     assert {p.name for p in (tmp_path / ".crm-states" / kind).iterdir()} == {"data", "server.log"}
     assert not (tmp_path / ".crm-states" / kind / "data" / "server.json").exists()  # removed on stop
     # The environment chooses too, and the option wins over it; a bad value is a usage error.
     other = "mongod" if kind == "secantus" else "secantus"
     by_env = run(tmp_path, "report", "--json", CRM_STATES_EMBEDDED_SERVER=other)
-    assert by_env.returncode == 0 and f".crm-states/{other} is new" in by_env.stderr
+    assert by_env.returncode == 0 and f".crm-states/{other} was new" in by_env.stderr
     wins = run(tmp_path, "report", "--json", "--embedded-server", kind, CRM_STATES_EMBEDDED_SERVER=other)
-    assert wins.returncode == 0 and f".crm-states/{kind} is new" in wins.stderr  # report creates nothing
+    assert wins.returncode == 0 and f".crm-states/{kind} was new" in wins.stderr  # report creates nothing
     bad = run(tmp_path, "report", CRM_STATES_EMBEDDED_SERVER="postgres")
     assert bad.returncode == 2
-    assert one_line(bad) == "crm-states: CRM_STATES_EMBEDDED_SERVER='postgres': expected one of secantus, mongod, mongod-rs"
+    assert one_line(bad) == ("crm-states: CRM_STATES_EMBEDDED_SERVER='postgres': expected one of secantus, mongod, "
+                             "mongod-rs")
 
 
 def test_the_default_embedded_server_is_mongod(tmp_path: Path) -> None:
     done = run(tmp_path, "report", "--json")
-    assert done.returncode == 0 and "in .crm-states/mongod is new" in done.stderr
+    assert done.returncode == 0 and "in .crm-states/mongod was new" in done.stderr
 
 
 @pytest.mark.parametrize("kind", ["secantus", "mongod"])

@@ -121,8 +121,8 @@ PARENT = textwrap.dedent("""
     from pymongo import MongoClient
     from crm_states.testing.mongo import MongoServer
     server = MongoServer(sys.argv[1], kind=sys.argv[2]).start()
-    print(server.process.pid, server.port, flush=True)
     try:
+        print(server.process.pid, server.port, flush=True)  # inside: the Ctrl-C may come right after it
         time.sleep(120)
     except KeyboardInterrupt:
         client = MongoClient(server.url, serverSelectionTimeoutMS=5000)

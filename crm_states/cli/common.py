@@ -48,8 +48,8 @@ def database(args: argparse.Namespace) -> Iterator[Database]:
         db = connect(url, name)
         try:
             _ping(db, nodes, url_setting)
-            _say_if_empty(db, f"at {', '.join(nodes)}", args)
-            yield db
+            with _said_if_empty(db, f"at {', '.join(nodes)}", args):
+                yield db
         finally:
             db.client.close()
         return
@@ -67,8 +67,8 @@ def database(args: argparse.Namespace) -> Iterator[Database]:
     try:
         db = connect(server.url, name or EMBEDDED_DB)
         try:
-            _say_if_empty(db, f"in {where}", args)
-            yield db
+            with _said_if_empty(db, f"in {where}", args):
+                yield db
         finally:
             db.client.close()
     finally:
@@ -141,11 +141,16 @@ def _cause(db: Database, exc: PyMongoError) -> str:
     return str(exc).split(", Timeout:", 1)[0].split(" (configured timeouts", 1)[0].splitlines()[0][:300]
 
 
-def _say_if_empty(db: Database, where: str, args: argparse.Namespace) -> None:
-    """A database with no collections at all is new: most likely a mistyped ``--db`` or ``--data-dir``
-    (said for every command but the demo, which fills it)."""
-    if getattr(args, "command", None) != "demo" and not db.list_collection_names():
-        print(f"crm-states: the database {db.name} {where} is new and empty", file=sys.stderr)
+@contextmanager
+def _said_if_empty(db: Database, where: str, args: argparse.Namespace) -> Iterator[None]:
+    """A database with no collections at all is new: most likely a mistyped ``--db`` or ``--data-dir``.
+    Said once the command has run (a command that fails says only why, in its one line), for every
+    command but the demo, which fills it."""
+    empty = getattr(args, "command", None) != "demo" and not db.list_collection_names()
+    yield
+    if empty:
+        print(f"crm-states: the database {db.name} {where} was new and empty (a mistyped --db or --data-dir?)",
+              file=sys.stderr)
 
 
 def _say_if_old_layout(data_dir: Path, kind: str) -> None:
