@@ -35,6 +35,7 @@ from .processes import (
     make_temp_dir,
     remove_server_file,
     spawn,
+    wait_stopped,
     write_server_file,
 )
 
@@ -271,7 +272,10 @@ class MongoServer:
                                + (f": {reason}" if reason else "") + f" (log: {self._log_file()})")
 
     def pause(self) -> None:
+        """SIGSTOP; returns once every thread of the server has stopped (the signal is asynchronous)."""
         self._signal(signal.SIGSTOP)
+        if self.process is not None:
+            wait_stopped(self.process.pid)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -73,6 +74,22 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Until every thread of ``pid`` is stopped (state T) or gone; False if that took too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def command_line(pid: int) -> list[str]:
