@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 
 from .common import (
@@ -74,16 +73,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CliError(f"{args.machine} has no state {args.state!r}; states: {', '.join(spec.diagram.states)}")
     if args.state in spec.diagram.finals:
         raise CliError(f"{args.state} is the final state of {args.machine}: nothing to resume")
-    outcomes: Counter[str] = Counter()
     with database(args) as db:
-        app = open_states(db, args)
-        # Ids first: a re-driven profile may land in the same state again and must not be met twice.
-        ids = [p["id"] for p in app.profiles_in_state(args.machine, args.state, limit=args.limit or 0,
-                                                      projection={"_id": 0, "id": 1})]
-        for start in range(0, len(ids), 1000):
-            batch = list(app.store.profiles.find({"id": {"$in": ids[start:start + 1000]},
-                                                  f"crm_state.{args.machine}.state": args.state}))
-            outcomes.update(r.state or "not started" for r in app.redrive(args.machine, batch))
+        outcomes = open_states(db, args).resume(args.machine, args.state, limit=args.limit or 0)
     print(f"{sum(outcomes.values())} profiles in {args.state} re-driven:")
     print_counts(outcomes)
     return EXIT_OK
