@@ -104,8 +104,15 @@ class Engine:
                 for run in active:
                     if run.result is None:
                         run.result = RunResult(run.profile_id, run.position.state, "halted", str(halt))
+                        self._release(run)
             active = [r for r in active if r.result is None]
         return [r.result for r in runs]  # type: ignore[misc]
+
+    def _release(self, run: Run) -> None:
+        """A halted run at a write-ahead state did not send (the CRM refused before acting): let it go."""
+        if run.holds_claim and self._writes_ahead(run) and not run.pending:
+            self.store.release(run.profile_id, self.spec.name, run.position.seq, run.token)
+            run.holds_claim = False
 
     def _writes_ahead(self, run: Run) -> bool:
         binding = self.spec.bindings.get(run.state)
@@ -128,8 +135,11 @@ class Engine:
         assert isinstance(binding, Act)
         groups: list[tuple[Callable[[Sequence[Run], Any], Sequence[Outcome]], list[Run]]] = []
         if binding.write_ahead:
-            own = [run for run in batch if run.holds_claim]
-            adopted = [run for run in batch if not run.holds_claim and self._take_over(run)]
+            for run in batch:
+                if not run.holds_claim:
+                    self._take_over(run)
+            own = [run for run in batch if run.holds_claim and run.adopted is None]
+            adopted = [run for run in batch if run.holds_claim and run.adopted is not None]
             groups = [(binding.effect, own), (binding.adopt or _unknown_outcome(binding), adopted)]
         else:
             groups = [(binding.effect, batch)]
@@ -161,17 +171,21 @@ class Engine:
             self.spec.fire(run, dest, at, outcome.detail)
 
     def _take_over(self, run: Run) -> bool:
-        """A run met at a write-ahead state it did not claim: take the claim over when it expired or its
-        holder is provably gone (then ``adopted`` is set), else end the run as ``claimed``."""
+        """A run met at a write-ahead state it did not claim. A released claim (its holder knew nothing was
+        sent) is taken and the run goes on as usual; an expired one, or one whose holder is provably gone, is
+        taken over and ``adopted`` is set (that request may have gone out); a live one ends the run as
+        ``claimed``, nothing sent."""
         claim = run.position.claim
         dead = claim is not None and owners.gone(claim.owner)
         mine = {"by": run.token, "owner": self.holder.key, "seconds": self.claim_seconds}
-        taken = self.store.take_over(self.spec.name, run.profile_id, run.position.seq, mine,
+        taken = self.store.take_over(run.profile_id, self.spec.name, run.position, mine,
                                      from_holder=claim.by if dead and claim is not None else None)
         if taken is not None:
-            log.warning("profile %s %s: taking over the unfinished %s of another driver (%s)", run.profile_id,
-                        self.spec.name, run.state, "process gone" if dead else "claim expired")
-            run.position, run.holds_claim, run.adopted = taken, True, "dead" if dead else "expired"
+            run.position, run.holds_claim = taken, True
+            if claim is not None:
+                run.adopted = "dead" if dead else "expired"
+                log.warning("profile %s %s: taking over the unfinished %s of another driver (%s)", run.profile_id,
+                            self.spec.name, run.state, "process gone" if dead else "claim expired")
             return True
         now = self.store.position(run.profile_id, self.spec.name)
         if now.seq != run.position.seq:

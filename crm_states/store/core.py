@@ -19,6 +19,7 @@ position records but the profile lacks (Sefaria saved a stale copy) is what ``he
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,7 +38,7 @@ from pymongo.errors import (
 )
 from pymongo.write_concern import WriteConcern
 
-from ..records import Claim, Position, ProfileData, ProfileWrite, Transition
+from ..records import Claim, Position, ProfileData, ProfileWrite, Transition, utcnow
 from .documents import (
     POSITION_FIELDS,
     POSITIONS,
@@ -264,24 +265,48 @@ class Store:
             f"profile {step.profile_id} in {step.machine} was moved from seq {step.expected.seq} "
             f"({step.expected.state}) by another writer; it is now in {now.state} (seq {now.seq})", now, now.last_by)
 
-    def take_over(self, machine: str, profile_id: int, seq: int, claim: Mapping[str, Any], *,
-                  from_holder: str | None = None) -> Position | None:
-        """Take the claim of the run at ``seq`` for ``claim['by']`` when it has expired on the database's
-        clock (or, with ``from_holder``, when that holder still has it: its process is known dead). Returns
-        the position with the new claim, or ``None`` when someone else holds it or the run moved on."""
-        expired = {"$lt": [{"$add": ["$claim.at", {"$multiply": [{"$ifNull": ["$claim.seconds", 0]}, 1000]}]},
-                           "$$NOW"]}
-        condition = {"$eq": ["$claim.by", from_holder]} if from_holder else expired
-        mine = {"by": claim["by"], "owner": claim.get("owner", ""), "seconds": float(claim["seconds"]), "at": "$$NOW"}
+    def server_now(self) -> dt.datetime:
+        """The database's clock (``hello.localTime``): claims and leases are judged by it, never by this
+        process's own clock. A server that does not say (a test double) falls back to ours."""
         try:
-            doc = self.positions.with_options(write_concern=self._commit_record.write_concern).find_one_and_update(
-                {"_id": position_key(machine, profile_id), "seq": seq},
-                [{"$set": {"claim": {"$cond": [condition, mine, "$claim"]}}}],
-                projection=POSITION_FIELDS, return_document=pymongo.ReturnDocument.AFTER)
+            now = self.db.command("hello").get("localTime")
+        except (PyMongoError, NotImplementedError):
+            now = None
+        return (now if now.tzinfo else now.replace(tzinfo=dt.timezone.utc)) if now else utcnow()
+
+    def take_over(self, profile_id: int, machine: str, expected: Position, claim: Mapping[str, Any], *,
+                  from_holder: str | None = None) -> Position | None:
+        """Take the claim of the run at ``expected`` (its seq and claim) for ``claim['by']``: when it was
+        released (no claim: its holder knew nothing was sent), when it expired on the database's clock, or,
+        with ``from_holder``, when that holder (known dead) still has it. A compare-and-set on the claim as
+        read. Returns the position with the new claim, or ``None`` when someone else holds it or it moved."""
+        held = expected.claim
+        where: dict[str, Any] = {"_id": position_key(machine, profile_id), "seq": expected.seq}
+        if held is None:
+            where["claim"] = {"$exists": False}
+        elif from_holder is not None:
+            where["claim.by"] = from_holder
+        else:
+            if held.at is None or held.at + dt.timedelta(seconds=held.seconds) >= self.server_now():
+                return None
+            where.update({"claim.by": held.by, "claim.at": held.at})
+        update = {"$set": {"claim.by": claim["by"], "claim.owner": claim.get("owner", ""),
+                           "claim.seconds": float(claim["seconds"])}, "$currentDate": {"claim.at": True}}
+        try:
+            if self._commit_record.update_one(where, update).matched_count != 1:
+                return None
+            return self.position(profile_id, machine)
         except PyMongoError as exc:
             raise StoreUnavailable(f"taking over the claim of {profile_id}: {type(exc).__name__}: {exc}") from exc
-        position = position_from_doc(doc)
-        return position if position.claim is not None and position.claim.by == claim["by"] else None
+
+    def release(self, profile_id: int, machine: str, seq: int, by: str) -> None:
+        """Drop the claim ``by`` holds on the run at ``seq``: its holder knows the CRM write was not sent (the
+        CRM's API limit refused it), so the next driver may send it."""
+        try:
+            self._commit_record.update_one({"_id": position_key(machine, profile_id), "seq": seq, "claim.by": by},
+                                           {"$unset": {"claim": ""}})
+        except PyMongoError as exc:  # then the claim expires, and the next driver asks before it sends
+            log.warning("could not release the claim on %s %s: %s", machine, profile_id, type(exc).__name__)
 
     def apply_journaled(self, profile_id: int, machine: str, transitions: Sequence[Transition],
                         write: ProfileWrite | None) -> bool:

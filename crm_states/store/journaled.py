@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from pymongo.errors import PyMongoError
 
-from ..records import START, Position, ProfileWrite, Transition
+from ..records import START, Position, ProfileWrite, Transition, is_newest
 from .documents import position_key
 from .errors import StoreUnavailable
 from .profile_writes import WRITTEN, PlannedWrite, apply_writes
@@ -46,17 +46,37 @@ def apply_journaled(store: Store, profile_id: int, machine: str, transitions: Se
         position = store.position(profile_id, machine)
     if write is None or write.empty:
         return changed
-    line = write.crm_log if write.crm_log and write.crm_log not in position.data.crm_log else None
-    written = store.fill_profile(profile_id, ProfileWrite(set=write.set, guard=write.guard)) if write.set else False
-    if line:
-        outcome = apply_writes(store.profiles, [PlannedWrite(profile_id, ProfileWrite(crm_log=line, guard=write.guard),
+    new_fields = any(position.data.fields.get(k) != v for k, v in write.set.items())
+    new_line = bool(write.crm_log) and write.crm_log not in position.data.crm_log
+    if not new_fields and not new_line:
+        return changed  # the position's data already holds it: applied before
+    wrote = store.fill_profile(profile_id, ProfileWrite(set=write.set, guard=write.guard)) if write.set else False
+    if new_line:
+        before = store.get_profile(profile_id, {"CrmLog": 1}) or {}
+        outcome = apply_writes(store.profiles, [PlannedWrite(profile_id, ProfileWrite(crm_log=write.crm_log,
+                                                                                         guard=write.guard),
                                                              position.data.crm_log)])[0]
         if isinstance(outcome, StoreUnavailable):
             raise outcome
-        written = written or outcome == WRITTEN
-    if written and position.state is not None:
+        wrote = wrote or (outcome == WRITTEN and write.crm_log not in (before.get("CrmLog") or []))
+    if position.state is not None and _holds(store, profile_id, write):
         _note_data(store, machine, profile_id, position, write)
-    return changed or written
+        return True
+    return changed or wrote
+
+
+def _holds(store: Store, profile_id: int, write: ProfileWrite) -> bool:
+    """Whether the profile now holds the write (under its guard): a field that holds another value is never
+    overwritten, and then the write is not noted as the machine's."""
+    try:
+        profile = store.get_profile(profile_id)
+    except PyMongoError as exc:
+        raise StoreUnavailable(f"reading profile {profile_id}: {type(exc).__name__}") from exc
+    if profile is None or any(profile.get(k) != v for k, v in write.guard.items()):
+        return False
+    lines = profile.get("CrmLog") or []
+    return all(profile.get(k) == v for k, v in write.set.items()) and (
+        not write.crm_log or write.crm_log in lines or not is_newest(write.crm_log, lines))
 
 
 def _note_data(store: Store, machine: str, profile_id: int, position: Position, write: ProfileWrite) -> None:
