@@ -3,20 +3,20 @@ the same profiles at once.
 
 Ranges have a fixed width per machine and chunk size, stored once in ``crm_leases`` (the first runner
 picks it from the id density), so every runner with that chunk size cuts the id space the same way. A lease
-is one document per range. Its time is the database's clock: taking, renewing and judging a lease happen in
-the database (``$$NOW``, ``$currentDate``), so a runner whose own clock is skewed neither steals a live lease
-nor keeps a dead one. A lease whose holder is provably gone (``owners``: same host, boot and PID namespace,
+is one document per range. Its time is the database's clock: a lease is stamped with the server's time
+(``$currentDate``, ``hello.localTime``) and judged against it, so a runner whose own clock is skewed neither
+steals a live lease nor keeps a dead one. A lease whose holder is provably gone (``owners``: same host, boot and PID namespace,
 no such process) is taken over at once, so a runner killed with SIGKILL and started again does not wait for
 the expiry; a holder on another host or in another container is waited out.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
@@ -24,11 +24,6 @@ from . import owners
 
 LEASES = "crm_leases"
 log = logging.getLogger("crm_states.leases")
-
-
-def _expired() -> dict[str, Any]:
-    """True (in an aggregation expression) when the document's lease ran out on the database's clock."""
-    return {"$lt": [{"$add": ["$at", {"$multiply": [{"$ifNull": ["$seconds", 0]}, 1000]}]}, "$$NOW"]}
 
 
 class RangeLeases:
@@ -61,25 +56,30 @@ class RangeLeases:
 
     def claim(self, index: int) -> bool:
         """Take range ``index`` if it is free, ours, expired on the database's clock, or held by a
-        provably gone process."""
-        me = self.holder.key
-        free = {"$or": [{"$eq": [{"$type": "$owner"}, "missing"]}, {"$eq": ["$owner", me]}, _expired()]}
-        take = [{"$set": {"owner": {"$cond": [free, me, "$owner"]}, "at": {"$cond": [free, "$$NOW", "$at"]},
-                          "seconds": {"$cond": [free, self.seconds, "$seconds"]}}}]
-        try:
-            doc = self.collection.find_one_and_update({"_id": self._key(index)}, take, upsert=True,
-                                                      return_document=ReturnDocument.AFTER)
-        except DuplicateKeyError:  # two upserts raced on a new range; the other one won it
+        provably gone process. Every change is a compare-and-set on the lease as read."""
+        key, me = self._key(index), self.holder.key
+        current = self.collection.find_one({"_id": key})
+        if current is None:
+            try:
+                self.collection.insert_one({"_id": key, "owner": me, "seconds": self.seconds, "at": self._now()})
+                return True
+            except DuplicateKeyError:  # another runner took it between the read and the insert
+                return False
+        holder = current.get("owner", "")
+        if holder != me and not self._expired(current) and not owners.gone(holder):
             return False
-        holder = (doc or {}).get("owner", "")
-        if holder == me:
-            return True
-        if owners.gone(holder):
-            result = self.collection.update_one({"_id": self._key(index), "owner": holder},
-                                                {"$set": {"owner": me, "seconds": self.seconds},
-                                                 "$currentDate": {"at": True}})
-            return result.modified_count == 1
-        return False
+        taken = self.collection.update_one({"_id": key, "owner": holder, "at": current.get("at")},
+                                           {"$set": {"owner": me, "seconds": self.seconds},
+                                            "$currentDate": {"at": True}})
+        return taken.modified_count == 1
+
+    def _now(self) -> dt.datetime:
+        """The database's clock (``hello.localTime``, naive UTC as pymongo returns dates)."""
+        return self.collection.database.command("hello")["localTime"]
+
+    def _expired(self, lease: dict[str, Any]) -> bool:
+        at = lease.get("at")
+        return at is None or (self._now() - at).total_seconds() > float(lease.get("seconds") or 0)
 
     def renew(self, index: int) -> bool:
         """Extend our lease on ``index``; False when it is no longer ours (a pause outlived it and another
@@ -96,13 +96,10 @@ class RangeLeases:
         """Delete the leases of these ranges that expired on the database's clock or whose holder is
         provably gone (a runner killed with SIGKILL never releases them); returns how many. They block
         nothing, but they would pile up in ``crm_leases`` and look like work in progress."""
-        server_now = self.collection.database.command("hello").get("localTime")
-        stale = []
-        for doc in self.collection.find({"_id": {"$regex": f"^{re.escape(self.prefix)}:"}, "owner": {"$exists": True}}):
-            at, seconds = doc.get("at"), float(doc.get("seconds") or 0)
-            expired = at is not None and server_now is not None and (server_now - at).total_seconds() > seconds
-            if expired or owners.gone(doc["owner"]):
-                stale.append((doc["_id"], doc["owner"], at))
+        stale = [(doc["_id"], doc["owner"], doc.get("at"))
+                 for doc in self.collection.find({"_id": {"$regex": f"^{re.escape(self.prefix)}:"},
+                                                  "owner": {"$exists": True}})
+                 if self._expired(doc) or owners.gone(doc["owner"])]
         removed = 0
         for key, holder, at in stale:  # only if the same holder still has it: a takeover meanwhile is kept
             removed += self.collection.delete_one({"_id": key, "owner": holder, "at": at}).deleted_count

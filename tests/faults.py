@@ -121,3 +121,14 @@ def expect_commits(faults: set, steps: list[tuple[bool, bool]], failure_state: s
         return failure_state, failure_state if commits.commit(False) else persisted, commits
     return success_states[-1], persisted, commits
 
+
+def states_by_profile(db: Any, machine: str) -> dict[Any, str]:
+    """Every profile's state in ``machine``, read in one pass over the project's positions."""
+    return {d["profile_id"]: d["state"] for d in db[POSITIONS].find({"machine": machine}, {"profile_id": 1, "state": 1})}
+
+
+def history_lengths(db: Any, machine: str) -> Counter[Any]:
+    """Transitions per profile in ``machine``, in one pass."""
+    pipeline = [{"$match": {"machine": machine}}, {"$project": {"profile_id": 1, "n": {"$size": "$history"}}}]
+    return Counter({d["profile_id"]: d["n"] for d in db[POSITIONS].aggregate(pipeline)})
+
