@@ -165,11 +165,13 @@ class CrmStates:
                    restart: bool = False) -> RunResult:
         """Create the new user's Salesforce app user and save its id. Safe to call again, and from several
         drivers at once: a finished profile is left alone, a half-done one is continued, and the CRM never
-        gets a second user. The profile document need not exist yet (give the email then): the id reaches it
-        once Sefaria has created it (``heal``)."""
+        gets a second user. The profile document need not exist yet when ``email`` is given: the id reaches it
+        once Sefaria has created it (``heal``); without ``email`` the profile is where it is read from, and a
+        missing one is ``ProfileNotFound``."""
         inputs = {k: v for k, v in {"email": email, "first_name": first_name, "last_name": last_name,
                                     "lang": lang, "educator": educator}.items() if v is not None}
-        return self._drive_one(new_user_signup.NAME, user_id, restart=restart, inputs=inputs, needs_profile=False)
+        return self._drive_one(new_user_signup.NAME, user_id, restart=restart, inputs=inputs,
+                               needs_profile=email is None)
 
     def validate_profile(self, profile_id: int, *, restart: bool = False) -> RunResult:
         """Run the NationBuilder-profile validation for one profile."""

@@ -186,9 +186,10 @@ def _validate_chunk(task: Task, app: CrmStates, *, profile_ids: Sequence[int] | 
             runner.record(app.redrive(nb.NAME, [docs[pid] for pid, _ in stuck if pid in docs]), report, progress)
     if not report.stopped:
         runner.validate_chunk(where, count, report, progress)
-    profiles = list(app.store.profiles.find({**NB_FILTER, **where}, PROJECTION))
+    profiles = list(app.store.profiles.find(where, PROJECTION))
     positions = _positions(app, nb.NAME, ids, bounds)
     chunk = Counter(positions[p["id"]].state if p["id"] in positions else "not started" for p in profiles)
+    profiles = [p for p in profiles if p.get("nationbuilder_id") not in NB_FILTER["nationbuilder_id"]["$nin"]]
     summary = {"machine": nb.NAME, "attempt": _attempt(task),
                "chunk": {"profile_ids": len(ids)} if ids is not None else {"id_range": list(bounds)},
                "processed": report.processed, "lookups": report.lookups, "states": dict(report.states),
