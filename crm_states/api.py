@@ -237,9 +237,12 @@ class CrmStates:
     def redrive(self, machine_name: str, profiles: Sequence[Mapping[str, Any]]) -> list[RunResult]:
         """Drive a batch of profiles again: a new run from [*] for those in a terminal state (using the
         journaled CRM result where a DB-failure state holds one), the stopped run for the others.
-        ``profiles`` are documents with at least ``id`` (a profile Sefaria has not created is ``{"id": n}``)."""
+        ``profiles`` name the profiles by ``id`` (documents, or the rows of ``profiles_in_state``): each is
+        read afresh from ``profiles`` (one that Sefaria has not created is driven as ``{"id": n}``)."""
         engine = self.engine(machine(machine_name).name)
-        return engine.drive(engine.prepare_all(profiles, restart=True))
+        ids = [check_profile_id(p["id"]) for p in profiles]
+        docs = {d["id"]: d for d in self.store.profiles.find({"id": {"$in": ids}})}
+        return engine.drive(engine.prepare_all([docs.get(pid, {"id": pid}) for pid in ids], restart=True))
 
     def resume(self, machine_name: str, state: str, *, limit: int = 0, batch_size: int = 1000) -> Counter[str]:
         """Re-drive the profiles now in ``state`` (``crm-states resume``), in batches; returns how many

@@ -3,10 +3,10 @@
 The create is the one non-idempotent CRM write. UserCreated records the request (email, names, language,
 educator) and RequestAddToSalesforce is persisted with the run's fenced claim before the request goes out;
 the request carries the Sefaria user id as ``external_id`` (an upsert where the org has that field). A
-driver that finds this state claimed by another, unfinished driver never sends: it looks the app user up
-by the recorded email (``adopt_request``): exactly one found is the outcome; none or several is
-UnexpectedResponse marked ``outcome_unknown``; a later run's create is idempotent as every create is (the
-client upserts on the user id, or looks the email up before creating).
+driver that finds this state claimed by another, unfinished driver looks the app user up by the recorded
+email first (``adopt_request``): one found is the outcome; none found is a create only when that driver is
+provably gone (it can send nothing more), else UnexpectedResponse marked ``outcome_unknown`` with nothing
+sent. Every create is idempotent (the client upserts on the user id, or looks the email up first).
 
 The profile document need not exist yet (Sefaria calls the signup before it saves the profile): the id is
 recorded in the position's data and reaches the profile with ``heal`` once Sefaria has created it.
@@ -74,7 +74,10 @@ def add_to_salesforce(run: Run, crm: CrmConnectionManager) -> Outcome:
 
 
 def adopt_request(run: Run, crm: CrmConnectionManager) -> Outcome:
-    """Another driver claimed this create and did not finish: it may have gone out. Never send; look."""
+    """Another driver claimed this create and did not finish: its request may have gone out. Look first.
+    Found: that is the outcome. Not found: if that driver is provably gone (killed), it can send nothing
+    more, so the create goes out now (idempotent as every create is); if it may still be alive (paused past
+    its claim, on another host), nothing is sent and the run ends "outcome unknown"."""
     request = {"request": run.detail.get("request") or {}}
     try:
         found = _looked_up(crm, _valid_request(run)["email"])
@@ -84,9 +87,12 @@ def adopt_request(run: Run, crm: CrmConnectionManager) -> Outcome:
         return Outcome("UnexpectedResponse", {**request, "outcome_unknown": True, **crm_failure(exc)})
     if found:
         return Outcome("OK", {**request, "app_user_id": found, "source": "adopted"})
+    if run.adopted == "dead":
+        return add_to_salesforce(run, crm)
     return Outcome("UnexpectedResponse", {**request, "outcome_unknown": True, "error": (
-        "outcome unknown: another driver claimed this create and did not finish; no app user with this email "
-        "yet. Nothing was sent; a resume creates it idempotently (upsert on the user id, or email lookup first)")})
+        "outcome unknown: another driver claimed this create and may still send it; no app user with this "
+        "email yet. Nothing was sent; a resume creates it idempotently (upsert on the user id, or email lookup "
+        "first)")})
 
 
 def write_app_user_id(run: Run, at: Any) -> ProfileWrite:
