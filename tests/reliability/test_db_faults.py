@@ -120,7 +120,24 @@ def test_database_stopped_and_killed_mid_run(server: MongoServer, fake: FakeSale
     assert f"{len(entries)} journal entries" in first.stdout and "failed" not in first.stdout
     in_failure_states = {(name, pid): state for name, spec in SPECS.items()
                          for pid, state in states_by_profile(db, name).items() if state in spec.db_failure_states}
-    assert in_failure_states == {(e.machine, e.profile_id): e.transitions[-1].dest for e in entries}
+    # Each journaled profile is in its DB-failure state, unless the write the journal calls failed did land
+    # and only its acknowledgement was lost to the outage: then the same run (same token) holds the
+    # success state it was writing, and the entry changes nothing.
+    store = Store(db)
+    landed = {}
+    for e in entries:
+        if (e.machine, e.profile_id) in in_failure_states:
+            continue
+        history = store.history(e.profile_id, e.machine)
+        failed = e.transitions[-1]
+        last = history[-1]
+        assert (last.seq, last.run_id, last.by, last.source) == (failed.seq, failed.run_id, failed.by, failed.source), (
+            e.profile_id, failed, last)
+        assert last.dest in SPECS[e.machine].diagram.finals or last.dest.startswith("Wrote"), last
+        landed[(e.machine, e.profile_id)] = last.dest
+    assert set(in_failure_states) | set(landed) == {(e.machine, e.profile_id) for e in entries}
+    assert all(in_failure_states[k] == e.transitions[-1].dest for e in entries
+               if (k := (e.machine, e.profile_id)) in in_failure_states)
     profiles = {p["id"]: p for p in db.profiles.find({"id": {"$in": [e.profile_id for e in entries]}})}
     for entry in entries:
         if entry.write and entry.write.set:
@@ -144,7 +161,8 @@ def test_database_stopped_and_killed_mid_run(server: MongoServer, fake: FakeSale
         assert not stuck, stuck
     nb_states = states_by_profile(db, nb.NAME)
     assert len(nb_states) == PROFILES
-    journaled_nb = {e.profile_id: e.transitions[-1].dest for e in entries if e.machine == nb.NAME}
+    journaled_nb = {e.profile_id: landed.get((e.machine, e.profile_id), e.transitions[-1].dest)
+                    for e in entries if e.machine == nb.NAME}
     for pid, state in nb_states.items():
         expected = journaled_nb.get(pid) or ("WroteSalesforceAppUserUid" if pid in found else "WroteNotFound")
         assert state == expected, (pid, state, expected)
@@ -175,6 +193,7 @@ def test_database_stopped_and_killed_mid_run(server: MongoServer, fake: FakeSale
            journal_entries=len(entries),
            entries_by_state=dict(Counter(e.transitions[-1].dest for e in entries)),
            entries_not_persisted=sum(not e.persisted for e in entries), replay_applied=applied,
+           writes_that_landed_with_their_answer_lost=len(landed),
            signup_ids_journaled_after_ok=len(after_ok),
            second_replay_applied=0, resumed=dict(resumed), app_users=len(fake.records(APP_USER)),
            duplicate_app_users=sum(n - 1 for n in by_email.values() if n > 1))
