@@ -4,9 +4,14 @@ lookup and one create and the database refusing two writes."""
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 
+import structlog
 from pymongo.database import Database
 
 from crm_states.api import CrmStates
@@ -26,6 +31,33 @@ EXPECTED = {
     SIGNUP: {"WroteSalesforceAppUserUid": 4, "LoggedDbFailure": 2, "WroteSalesforceErrorToDb": 1},
 }
 JOURNALED = 2  # the two signups whose id's write the database refused
+
+
+def json_handler(stream: io.StringIO) -> logging.Handler:
+    """A handler formatted as Sefaria's structlog configuration formats stdlib records: JSON lines with
+    the records' ``extra`` fields as keys."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.add_log_level,
+                           structlog.stdlib.ExtraAdder(), structlog.processors.TimeStamper(fmt="iso")],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()]))
+    return handler
+
+
+@contextmanager
+def json_logs(level: int = logging.INFO) -> Iterator[io.StringIO]:
+    """The ``crm_states`` loggers' records at ``level`` and above, as JSON lines, while the block runs."""
+    stream = io.StringIO()
+    handler = json_handler(stream)
+    logger = logging.getLogger("crm_states")
+    before = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 def crm_for(fake: FakeSalesforce) -> SalesforceConnectionManager:

@@ -11,43 +11,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from crm_states.journal import read_entries
 from crm_states.logs import FIELDS, fields
 from crm_states.testing import FakeSalesforce
-from tests.operator_seed import FAST, JOURNALED, SIGNUP, seed
-
-
-def json_handler(stream: io.StringIO) -> logging.Handler:
-    """A handler formatted as Sefaria's structlog configuration formats stdlib records."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.add_log_level,
-                           structlog.stdlib.ExtraAdder(), structlog.processors.TimeStamper(fmt="iso")],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()]))
-    return handler
+from tests.operator_seed import FAST, JOURNALED, SIGNUP, json_logs, seed
 
 
 @pytest.fixture
-def json_logs() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = json_handler(stream)
-    logger = logging.getLogger("crm_states")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+def json_log() -> Iterator[io.StringIO]:
+    with json_logs() as stream:
         yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
-def test_retries_and_journal_entries_are_json_with_their_fields(db, tmp_path: Path, json_logs: io.StringIO) -> None:
+def test_retries_and_journal_entries_are_json_with_their_fields(db, tmp_path: Path, json_log: io.StringIO) -> None:
     with FakeSalesforce() as fake:
         seed(db, fake, tmp_path)
-    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
     assert lines and all({"event", "level", "logger", "timestamp"} <= set(line) for line in lines)
 
     retries = [line for line in lines if line.get("outcome") == "retried"]
@@ -64,7 +44,7 @@ def test_retries_and_journal_entries_are_json_with_their_fields(db, tmp_path: Pa
 
     # "Pull these from the logs": the JSON log replays like the journal file.
     file_ids = [e.entry_id for e in read_entries((tmp_path / "journal.jsonl").read_text(encoding="utf-8").splitlines())]
-    log_entries = list(read_entries(json_logs.getvalue().splitlines()))
+    log_entries = list(read_entries(json_log.getvalue().splitlines()))
     assert [e.entry_id for e in log_entries] == [line["entry_id"] for line in journaled] == file_ids
     assert {e.profile_id for e in log_entries} == set(signups)
 
