@@ -13,7 +13,6 @@ from typing import TextIO, TypeVar
 from pymongo.database import Database
 
 from ..api import MACHINES
-from ..diagram_svg import DotMissing, check_dot
 from ..report import (
     CSV_COLUMNS,
     StateRow,
@@ -23,7 +22,6 @@ from ..report import (
     write_json,
     write_text,
 )
-from ..report_prometheus import PrometheusMissing, check_prometheus, exposition
 from .common import EXIT_OK, CliError, database
 
 T = TypeVar("T")
@@ -131,6 +129,8 @@ def _check_page_outputs(args: argparse.Namespace) -> None:
     html, prometheus = getattr(args, "html", None), getattr(args, "prometheus", None)
     if html is None and prometheus is None:
         return
+    from ..diagram_svg import DotMissing, check_dot  # graphviz is imported only for --html
+    from ..report_prometheus import PrometheusMissing, check_prometheus
     chosen = [flag for flag, on in (("--html", html is not None), ("--prometheus", prometheus is not None),
                                     ("--json", getattr(args, "json", False)),
                                     ("--mermaid", getattr(args, "mermaid", False)),
@@ -154,7 +154,8 @@ def _run_csv(db: Database, machine: str, state: str, dest: str, out: TextIO) -> 
 
 
 def _run_html(db: Database, data: dict[str, list[StateRow]], dest: str, out: TextIO) -> int:
-    from ..report_html import write_html  # imports jinja2 and the template only when a page is asked for
+    from ..diagram_svg import DotMissing
+    from ..report_html import write_html  # jinja2, graphviz and the template only when a page is asked for
 
     try:
         _write_to(dest, out, lambda f: write_html(db, data, f))
@@ -167,6 +168,8 @@ def _run_html(db: Database, data: dict[str, list[StateRow]], dest: str, out: Tex
 
 
 def _run_prometheus(data: dict[str, list[StateRow]], dest: str, out: TextIO) -> int:
+    from ..report_prometheus import exposition
+
     text = exposition(data)
     _write_to(dest, out, lambda f: f.write(text))
     return EXIT_OK
