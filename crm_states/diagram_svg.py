@@ -19,7 +19,7 @@ import graphviz
 from .engine import StateMachine
 from .report import DB_FAILURE, FAILURE_KINDS, FINAL, INTERMEDIATE, STOPPED, UNKNOWN, StateRow
 
-#: fill, border, font colour per kind (also the page's legend: ``report_html`` reads it).
+#: fill and border colour per kind (also the page's legend: ``report_html`` reads it).
 COLOURS: dict[str, tuple[str, str]] = {
     FINAL: ("#d4edda", "#28a745"),
     STOPPED: ("#fff3cd", "#d39e00"),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -45,7 +44,6 @@ _VERSION = re.compile(r"v\d+(\.\d+)?")
 _WORD = re.compile(r"[A-Za-z_]+\d?")  # endpoint and object names (query, sobjects, Sefaria_App_User__c, oauth2)
 
 
-@lru_cache(maxsize=1024)
 def request_kind(method: str, url: str) -> str:
     """``METHOD path-shape``: the path after its API version segment (``v60.0``, ``v1``) when it has one,
     words kept and anything else (ids, emails, locators) as ``{id}``, at most four segments."""
