@@ -27,7 +27,9 @@ from typing import Any
 import attrs
 from transitions import Machine
 
+from . import metrics
 from .journal import Journal, JournalEntry
+from .logs import fields
 from .mermaid import Diagram, read_diagram
 from .records import START, Position, ProfileWrite, Transition, new_run_id, utcnow
 from .store import ConcurrentTransition, Step, Store, StoreError, position_of
@@ -371,12 +373,15 @@ class Engine:
                           "error": f"DB write failed: {error}"[:300],
                           "intended": intended.to_doc() if intended else None}
                 self.spec.fire(run, binding.failure, self.clock(), detail)
+                metrics.db_failure_transition(self.spec.name, binding.failure)
                 return True
         return False
 
     def _interrupted(self, run: Run, error: StoreError) -> None:
         log.warning("profile %s %s: not persisted, stays at %s: %s", run.profile_id, self.spec.name,
-                    run.position.state, error)
+                    run.position.state, error, extra=fields(machine=self.spec.name, profile_id=run.profile_id,
+                                                            state=run.position.state, outcome="interrupted",
+                                                            error_class=type(error).__name__))
         run.result = RunResult(run.profile_id, run.position.state, "interrupted", str(error)[:300])
         run.pending.clear()
 

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from . import metrics
+from .logs import fields
 from .records import ProfileWrite, Transition, iso, utcnow
 
 log = logging.getLogger("crm_states.journal")
@@ -82,7 +84,10 @@ class Journal:
 
     def record(self, entry: JournalEntry) -> None:
         line = json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True)
-        log.error("%s%s", MARKER, line)
+        state = entry.transitions[-1].dest if entry.transitions else None
+        log.error("%s%s", MARKER, line, extra=fields(machine=entry.machine, state=state, profile_id=entry.profile_id,
+                                                     kind="journal", outcome="journaled", entry_id=entry.entry_id))
+        metrics.journal_entry(entry.machine, state or "")
         if self.path is None:
             return
         with self._lock:
@@ -111,15 +116,28 @@ def read_entries(lines: Iterable[str], report: ReadReport | None = None) -> Iter
         text = line.strip()
         if not text:
             continue
-        if MARKER in text:
-            text = text.split(MARKER, 1)[1]
         try:
-            entry = JournalEntry.from_json(json.loads(text))
+            entry = JournalEntry.from_json(_entry_doc(text))
         except (ValueError, KeyError, TypeError, AttributeError):
             report.skipped_lines += 1
             continue
         report.entries += 1
         yield entry
+
+
+def _entry_doc(text: str) -> Any:
+    """The JSON of a journal line, of a plain log line carrying ``MARKER``, or of a JSON log line (structlog's
+    rendering of the library's records) whose message carries it."""
+    if MARKER not in text:
+        return json.loads(text)
+    try:
+        return json.loads(text.split(MARKER, 1)[1])
+    except ValueError:
+        line = json.loads(text)  # a JSON log line: the entry is inside one of its string values
+    for value in line.values() if isinstance(line, dict) else ():
+        if isinstance(value, str) and MARKER in value:
+            return json.loads(value.split(MARKER, 1)[1])
+    raise ValueError("no journal entry in this line")
 
 
 class JournalTarget(Protocol):

@@ -34,6 +34,7 @@ STOPPED = "stopped"  # a terminal state that is not final: a failure someone has
 DB_FAILURE = "db failure"  # a Write state's failure edge: the intended write is in the journal
 INTERMEDIATE = "intermediate"  # has outgoing edges: a profile here is a run stopped half-way
 UNKNOWN = "not in diagram"  # in the database but not in today's diagram (renamed or removed state)
+FAILURE_KINDS = frozenset({STOPPED, DB_FAILURE})  # what an operator has to act on
 
 #: Handling of each failure state, quoted or closely paraphrased from the design document (CRM.md,
 #: 'Handling "Failure States"'), with the command of this project that does the step.
@@ -275,15 +276,34 @@ def export_csv(db: Database, machine: str, state: str, out: TextIO) -> int:
     writer.writerow(CSV_COLUMNS)
     n = 0
     for profile in Store(db).profiles_in_state(machine, state, projection=projection):
-        log = profile.get("CrmLog")
-        if isinstance(log, list):
-            log = log[-1] if log else None
-        since = ((profile.get("crm_state") or {}).get(machine) or {}).get("at")
         writer.writerow([_cell(profile.get("id")), _cell(profile.get("nationbuilder_id")), _cell(profile.get("email")),
                          _cell(profile.get("first_name")), _cell(profile.get("last_name")),
-                         _cell(profile.get("sf_app_user_id")), _cell(log), _cell(since)])
+                         _cell(profile.get("sf_app_user_id")), _cell(_last_log(profile)),
+                         _cell(_since(profile, machine))])
         n += 1
     return n
+
+
+def first_in_state(db: Database, machine: str, state: str, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` profiles longest in ``state`` (oldest first), each ``{id, last_crm_log, since}``: what the
+    HTML report shows of a failure state. ``since`` is a datetime (or None), ``last_crm_log`` a string or None."""
+    if limit < 1:  # pymongo reads a limit of 0 as "no limit"
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    field = state_field(machine)
+    projection = {"_id": 0, "id": 1, "CrmLog": {"$slice": -1}, f"{field}.at": 1}
+    return [{"id": p.get("id"), "last_crm_log": _last_log(p), "since": _since(p, machine)}
+            for p in Store(db).profiles_in_state(machine, state, limit=limit, projection=projection)]
+
+
+def _last_log(profile: Mapping[str, Any]) -> Any:
+    log = profile.get("CrmLog")
+    if isinstance(log, list):
+        return log[-1] if log else None
+    return log
+
+
+def _since(profile: Mapping[str, Any], machine: str) -> Any:
+    return ((profile.get("crm_state") or {}).get(machine) or {}).get("at")
 
 
 def _iso(value: Any) -> str | None:

@@ -24,9 +24,11 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 
 from machines import nb_profile_validation as nb
 
+from . import metrics
 from .api import CrmStates
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
+from .logs import fields
 from .store import state_field
 
 log = logging.getLogger("crm_states.runner")
@@ -104,7 +106,8 @@ class Progress:
             rate = report.processed / max(now - self.started, 1e-9)
             eta = (self.total - report.processed) / rate if rate else float("inf")
             log.info("validated %d/%d profiles, %.0f/s, ETA %.0fs; %s", report.processed, self.total, rate, eta,
-                        _states_line(report.states))
+                     _states_line(report.states), extra=fields(machine=nb.NAME, processed=report.processed,
+                                                               total=self.total))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -279,6 +282,7 @@ class ValidationRunner:
                                              if r.profile_id in settled else r) for r in results]
 
     def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
+        metrics.runner_results(nb.NAME, results)
         with self._lock:
             if results:  # a range another runner finished meanwhile reads no profiles and asks nothing
                 report.lookups += 1
