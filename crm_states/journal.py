@@ -38,6 +38,8 @@ VERSION = 1
 MAX_LINE = 1 << 20
 #: How many unreadable lines a report names (all are counted).
 MAX_PROBLEMS = 20
+#: What ``file_lines`` gives for a line longer than ``MAX_LINE`` (NUL: never part of a valid line).
+LINE_TOO_LONG = b"\x00(a line longer than 1 MiB)\n"
 
 #: ``os.write``'s shape: may write fewer bytes than given and returns how many it wrote.
 Writer = Callable[[int, bytes], int]
@@ -233,6 +235,9 @@ def _after_markers(text: str) -> tuple[list[Any], bool]:
 
 def _read_line(number: int, raw: str | bytes, report: ReadReport,
                machines: Collection[str] | None) -> list[JournalEntry]:
+    if raw == LINE_TOO_LONG:
+        report.problem(number, "longer than 1 MiB: not read", torn=True)
+        return []
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
     stripped = text.strip()
     if not stripped:
@@ -248,7 +253,8 @@ def _read_line(number: int, raw: str | bytes, report: ReadReport,
         report.skipped_lines += 1  # JSON that is not a journal entry (another program's line)
         return []
     if torn:
-        what = "NUL bytes (a crash left zeros?)" if "\x00" in text else "an entry cut short (a crash mid-append?)"
+        what = ("NUL bytes (binary data, or zeros a crash left)" if "\x00" in text
+                else "an entry cut short (a crash mid-append?)")
         report.problem(number, f"torn: {what}" + (f"; {len(docs)} complete entries recovered from it" if docs else ""),
                        torn=True)
     entries = []
@@ -277,12 +283,12 @@ def read_entries(lines: Iterable[str | bytes], report: ReadReport | None = None,
 
 
 def file_lines(f: BinaryIO) -> Iterator[bytes]:
-    """The lines of a binary file; a line longer than ``MAX_LINE`` comes as one NUL byte (unreadable)."""
+    """The lines of a binary file; a line longer than ``MAX_LINE`` comes as ``LINE_TOO_LONG``."""
     while line := f.readline(MAX_LINE):
         if len(line) == MAX_LINE and not line.endswith(b"\n"):
             while (rest := f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
                 pass
-            yield b"\x00"
+            yield LINE_TOO_LONG
             continue
         yield line
 

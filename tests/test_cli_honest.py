@@ -1,11 +1,11 @@
 """The commands as a newcomer runs them (a subprocess; SecantusDB and FakeSalesforce on loopback): a CRM that
 cannot answer never yields a verdict, a command asks for a CRM only where it uses one, bad input is refused
 before the database starts and names what is wrong, and what is printed is what the database holds."""
+# ruff: noqa: F811  (the fixtures of tests/test_cli.py are imported and then named as test parameters)
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,10 +15,10 @@ from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, JournalEntry
 from crm_states.records import ProfileWrite
 from crm_states.store import Store
-from crm_states.testing import Fault, FakeSalesforce
+from crm_states.testing import FakeSalesforce, Fault
 from machines import nb_profile_validation as nb
 from tests.faults import FlakyDatabase, WritePlan
-from tests.test_cli import cli, env, fake, failpoint_mongo, has_count  # noqa: F401  (fixtures)
+from tests.test_cli import cli, env, failpoint_mongo, fake, has_count  # noqa: F401
 
 APP_USER = "Sefaria_App_User__c"
 DOWN = "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300"  # a database that is never there

@@ -188,8 +188,8 @@ def _refuse_file(path: Path, what: str, lines: int, problems: Collection[tuple[i
     if lines == 0:
         return CliError(f"{path} is empty: no {what} in it; nothing done")
     other = f", {lines - bad} other text" if lines > bad else ""
-    return CliError("\n".join([f"{path} holds no valid {what} ({lines} lines: {bad} unreadable{other}); "
-                               f"nothing done", *problem_lines(problems, bad)]))
+    first = f"{path} holds no valid {what} ({lines} lines: {bad} unreadable{other}); nothing done"
+    return CliError("\n".join([first, *problem_lines(problems, bad)]))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -170,29 +170,23 @@ def positive(text: str, maximum: int | None = None) -> int:
 
 def at_most(maximum: int) -> Callable[[str], int]:
     """``positive`` with an upper bound, for values that size threads or memory."""
-    def parse(text: str) -> int:
-        return positive(text, maximum)
+    return lambda text: positive(text, maximum)
 
-    parse.__name__ = "positive"  # argparse names the type in its message
-    return parse
+
+def _finite(text: str, expected: str, ok: Callable[[float], bool]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
 
 
 def seconds(text: str) -> float:
     """A finite duration above 0, at most a week (a lease of ``inf`` or ``nan`` would never expire)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or not 0.0 < value <= WEEK:
-        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most {WEEK:,} (a week), got {text!r}")
-    return value
+    return _finite(text, f"seconds above 0 and at most {WEEK:,} (a week)", lambda v: 0.0 < v <= WEEK)
 
 
 def share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # false for nan too
-        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
-    return value
+    return _finite(text, "a share between 0 and 1", lambda v: 0.0 <= v <= 1.0)

@@ -32,7 +32,7 @@ from typing import IO, Any
 import attrs
 import requests
 
-from ..journal import MAX_PROBLEMS, file_lines
+from ..journal import LINE_TOO_LONG, MAX_PROBLEMS, file_lines
 from .base import CrmConnectionManager
 from .dummy import not_supported
 from .errors import CrmConfigError, CrmError, CrmLimitExceeded, CrmRejected
@@ -188,6 +188,8 @@ class LogEntry:
         """The entry on ``raw``, or a short reason why the line is not one."""
         if not raw.strip():
             return "a blank line"
+        if raw == LINE_TOO_LONG:
+            return "longer than 1 MiB: not read"
         try:
             data = json.loads(raw)
         except ValueError:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOSTILE = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40) | st.sampled_from(
     ["שרה כהן", "D'Arcy", MARKER + '{"journal": 1}', '{"at": "', "}\n{", "\x00", "\u202e", "🙂" * 5])
 _files = itertools.count()
+GLUED: Counter[str] = Counter()
 
 
 def entry(pid: int, text: str = "boom") -> JournalEntry:
@@ -55,7 +57,7 @@ def test_a_torn_entry_at_every_byte_offset_loses_no_complete_entry(tmp_path: Pat
     first and the last come back, the cut one only when whole, and the cut is counted as one torn line."""
     first, cut, last = entry(1, "שרה"), entry(2, "D'Arcy {\"at\": 1}"), entry(3)
     head, torn_bytes = line_of(first), line_of(cut)
-    written = recovered = 0
+    written = recovered = torn = 0
     for k in range(len(torn_bytes) + 1):
         path = tmp_path / f"j{k}.jsonl"
         path.write_bytes(head + torn_bytes[:k])
@@ -69,9 +71,10 @@ def test_a_torn_entry_at_every_byte_offset_loses_no_complete_entry(tmp_path: Pat
         assert lines[-1] == b"" and json.loads(lines[-2])["entry_id"] == last.entry_id  # a line of its own
         assert b"" not in lines[:-1]  # the fresh line is added only after a torn one
         written += 2
+        torn += report.torn_lines
         recovered += 2 if ids[0] == first.entry_id and ids[-1] == last.entry_id else 0
     record("8a torn entry at every byte offset", offsets=len(torn_bytes) + 1, acknowledged_written=written,
-           acknowledged_recovered=recovered)
+           acknowledged_recovered=recovered, torn_lines=torn)
     assert recovered == written
 
 
@@ -95,6 +98,9 @@ def test_a_torn_entry_glued_to_the_next_does_not_swallow_it(tmp_path: Path, text
     assert ids == [a.entry_id, *([b.entry_id] if complete else []), c.entry_id]
     assert report.invalid_entries == 0
     assert report.torn_lines == (1 if prefix <= k < len(lb) - 1 else 0)
+    GLUED.update(examples=1, acknowledged_written=2, acknowledged_recovered=ids.count(a.entry_id) + ids.count(c.entry_id),
+                 torn_lines=report.torn_lines, glued=glued, log_lines=in_log)
+    record("8b torn entry glued to the next (hypothesis)", **GLUED)
 
 
 def test_short_writes_are_finished(tmp_path: Path) -> None:
@@ -113,7 +119,7 @@ def test_short_writes_are_finished(tmp_path: Path) -> None:
     ids, report = read_back(path)
     assert ids == [e.entry_id for e in entries] and report.unreadable == 0
     assert len(calls) > 5 * 50  # every entry took many calls
-    record("8b short writes (7 bytes per call)", acknowledged_written=len(entries), acknowledged_recovered=len(ids),
+    record("8c short writes (7 bytes per call)", acknowledged_written=len(entries), acknowledged_recovered=len(ids),
            write_calls=len(calls))
 
 
@@ -149,7 +155,7 @@ def test_a_quota_that_stops_an_append_half_way_leaves_no_torn_line(tmp_path: Pat
     Journal(path).record(entry(3))
     ids, report = read_back(path)
     assert len(ids) == 2 and report.unreadable == 0
-    record("8c file-size quota mid-append", acknowledged_written=2, acknowledged_recovered=len(ids), refused=1)
+    record("8d file-size quota mid-append", acknowledged_written=2, acknowledged_recovered=len(ids), refused=1)
 
 
 CRASH_CHILD = textwrap.dedent("""
@@ -180,5 +186,5 @@ def test_a_process_killed_mid_append_then_another_append_loses_nothing_acknowled
     assert len(ids) == 2 and ids[-1] == after.entry_id
     assert json.loads(path.read_bytes().splitlines()[-1])["entry_id"] == after.entry_id
     assert report.torn_lines == 1 and report.problems[0][0] == 2
-    record("8d SIGKILL mid-append, then an append", acknowledged_written=2, acknowledged_recovered=len(ids),
+    record("8e SIGKILL mid-append, then an append", acknowledged_written=2, acknowledged_recovered=len(ids),
            torn_lines=report.torn_lines)
