@@ -305,3 +305,16 @@ def test_the_demo_refuses_a_foreign_database_in_one_line(db, env) -> None:
     refused = cli(env, "demo", "--profiles", "10")
     assert refused.returncode == 2 and "demo refused: database" in one_line(refused)
     assert db.profiles.count_documents({}) == 1
+
+
+def test_resume_stopped_by_the_crm_limit_exits_4_and_leaves_the_profiles_where_they_were(db, env, fake) -> None:
+    unexpected_responses(db, env, fake, n=10)
+    fake.daily_limit = fake.api_usage  # the day's allocation is spent
+    limited = cli(env, "resume", "--machine", nb.NAME, "--state", "WroteUnexpectedResponse")
+    assert limited.returncode == 4, limited.stdout + limited.stderr
+    assert limited.stdout.startswith("0 profiles in WroteUnexpectedResponse re-driven:")
+    assert "stopped: CRM API limit reached" in limited.stdout
+    assert "10 profiles not re-driven (10 in WroteUnexpectedResponse)" in limited.stdout
+    assert nb_states(env) == {"WroteUnexpectedResponse": 10}
+    fake.daily_limit = 100_000
+    assert cli(env, "resume", "--machine", nb.NAME, "--state", "WroteUnexpectedResponse").returncode == 0

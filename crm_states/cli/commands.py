@@ -101,7 +101,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     needs = None if args.state in spec.db_failure_states else machine_crm(args.machine)
     crm = command_crm("resume", needs, f"to re-drive {args.machine} profiles in {args.state}")
     outcomes: Counter[str] = Counter()
-    halted: Counter[str] = Counter()
+    halted: Counter[str] = Counter()  # not re-driven: where they stand now
     failed: Counter[str] = Counter()  # back where they were, in a DB-failure state, or not finished
     stopped = None
     failure_states = spec.db_failure_states | {args.state}
@@ -111,24 +111,27 @@ def cmd_resume(args: argparse.Namespace) -> int:
         ids = [p["id"] for p in app.profiles_in_state(args.machine, args.state, limit=args.limit or 0,
                                                       projection={"_id": 0, "id": 1})]
         for start in range(0, len(ids), 1000):
+            if halted:  # the same refusal or limit would stop every later batch: these are not tried
+                halted[args.state] += len(ids[start:start + 1000])
+                continue
             batch = list(app.store.profiles.find({"id": {"$in": ids[start:start + 1000]},
                                                   f"crm_state.{args.machine}.state": args.state}))
             for result in app.redrive(args.machine, batch):
                 state = result.state or "not started"
-                outcomes[state] += 1
                 if result.outcome == "halted":
                     halted[state] += 1
                     stopped = stopped or result.error
-                elif result.outcome != "finished" or state in failure_states:
+                    continue
+                outcomes[state] += 1
+                if result.outcome != "finished" or state in failure_states:
                     failed[f"{state} ({result.outcome})" if result.outcome != "finished" else state] += 1
-            if halted:
-                break  # the same refusal would stop every later batch
     print(f"{sum(outcomes.values())} profiles in {args.state} re-driven:")
     print_counts(outcomes)
-    check_refusal(crm, "resume", "left where they were: " + _counts_text(halted))
+    check_refusal(crm, "resume", f"{sum(halted.values())} profiles not re-driven, where they stand now: "
+                                 f"{_counts_text(halted)}")
     if halted:
-        print(f"stopped: {stopped}; {sum(halted.values())} profiles were left where they were "
-              f"({_counts_text(halted)}); run the same command again later")
+        print(f"stopped: {stopped}; {sum(halted.values())} profiles not re-driven ({_counts_text(halted)}); run the "
+              f"same command again later")
         return EXIT_LIMIT
     if failed:
         print(f"{sum(failed.values())} of them failed again ({_counts_text(failed)}): `crm-states report --machine "
