@@ -84,12 +84,14 @@ class CrmStates:
         return cls(store=store, crm=crm, journal=Journal(journal_path or os.environ.get("CRM_STATES_JOURNAL")))
 
     @classmethod
-    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None) -> CrmStates:
+    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None,
+                 crm: CrmConnectionManager | None = None) -> CrmStates:
         """The ``CrmStates`` the ``crm-states`` commands and the Celery tasks build from the environment:
         the CRM of ``CRM_TYPE`` and Sefaria's CRM settings (``CrmConfigError`` naming a missing one), the
         database ``db`` or else ``MONGO_URL``/``MONGO_DB`` (``connect``), and the journal file of
-        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree."""
-        crm = crm_from_env()
+        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree.
+        ``crm`` replaces the CRM of ``CRM_TYPE`` (the commands pass a ``LazyCrm``, built on first use)."""
+        crm = crm_from_env() if crm is None else crm
         journal = os.environ.get("CRM_STATES_JOURNAL") or journal_path
         return cls.open(connect() if db is None else db, crm, journal_path=journal)
 

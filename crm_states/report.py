@@ -210,10 +210,15 @@ def collect(db: Database, machines: Iterable[str] | None = None) -> dict[str, li
 
 
 # --- the three outputs ------------------------------------------------------------------------------
+#: The text report's column headers, over the columns of its rows.
+TEXT_HEADER = f"  {'state':<30} {'count':>8}  {'kind':<14}  since (oldest .. newest entry)"
+
+
 def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
     for name, rows in data.items():
         total = sum(r.count for r in rows)
         print(f"{name} ({total} profiles)", file=out)
+        print(TEXT_HEADER, file=out)
         for r in rows:
             mark = "" if r.kind == INTERMEDIATE else r.kind
             since = f"{_iso(r.oldest)} .. {_iso(r.newest)}" if r.count else ""

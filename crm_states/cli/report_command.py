@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    _check(args)  # a bad flag is said before the database starts
     with database(args) as db:
         return run_report(db, args, sys.stdout)
 
@@ -37,7 +38,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = textwrap.fill(
         "Count the profiles in each state of each machine, with the oldest and newest time a profile entered "
         "it and, for failure states, what to do about them (the design document's notes). Exports the profiles "
-        "of one state as CSV, or draws a machine's diagram with its counts.", width=78)
+        "of one state as CSV, or draws a machine's diagram with its counts. CRM: none (it reads only the "
+        "database).", width=78)
     parser.epilog = ("examples:\n"
                      "  crm-states report\n"
                      "  crm-states report --json --machine new_user_signup\n"
@@ -116,8 +118,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], str | None]:
         return [machine], state
     owners = [name for name, spec in MACHINES.items() if state in spec.diagram.states]
     if not owners:
-        listing = "; ".join(f"{name}: {', '.join(spec.diagram.states)}" for name, spec in MACHINES.items())
-        raise CliError(f"no machine has a state {state!r}; states: {listing}")
+        listing = "".join(f"\n  {name}: {', '.join(spec.diagram.states)}" for name, spec in MACHINES.items())
+        raise CliError(f"no machine has a state {state!r}; the states of each machine:{listing}")
     if len(owners) > 1:
         raise CliError(f"state {state!r} is in several machines ({', '.join(owners)}): add --machine")
     return owners, state
