@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -68,6 +67,14 @@ def connect(mongo_url: str | None = None, db_name: str | None = None, **client_o
 
 
 @attrs.define
+class Resumed:
+    """What ``CrmStates.resume`` did: every re-driven profile's result, and how many it did not try."""
+
+    results: list[RunResult] = attrs.field(factory=list)
+    not_tried: int = 0
+
+
+@attrs.define
 class CrmStates:
     """The machines over one database, one CRM and one journal.
 
@@ -90,12 +97,14 @@ class CrmStates:
         return cls(store=store, crm=crm, journal=Journal(journal_path or os.environ.get("CRM_STATES_JOURNAL")))
 
     @classmethod
-    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None) -> CrmStates:
+    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None,
+                 crm: CrmConnectionManager | None = None) -> CrmStates:
         """The ``CrmStates`` the ``crm-states`` commands and the Celery tasks build from the environment:
         the CRM of ``CRM_TYPE`` and Sefaria's CRM settings (``CrmConfigError`` naming a missing one), the
         database ``db`` or else ``MONGO_URL``/``MONGO_DB`` (``connect``), and the journal file of
-        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree."""
-        crm = crm_from_env()
+        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree.
+        ``crm`` replaces the CRM of ``CRM_TYPE`` (the commands pass a ``LazyCrm``, built on first use)."""
+        crm = crm_from_env() if crm is None else crm
         journal = os.environ.get("CRM_STATES_JOURNAL") or journal_path
         return cls.open(connect() if db is None else db, crm, journal_path=journal)
 
@@ -244,22 +253,27 @@ class CrmStates:
         docs = {d["id"]: d for d in self.store.profiles.find({"id": {"$in": ids}})}
         return engine.drive(engine.prepare_all([docs.get(pid, {"id": pid}) for pid in ids], restart=True))
 
-    def resume(self, machine_name: str, state: str, *, limit: int = 0, batch_size: int = 1000) -> Counter[str]:
-        """Re-drive the profiles now in ``state`` (``crm-states resume``), in batches; returns how many
-        ended in each state. Ids are read first, so a profile that lands in the same state again is not
-        met twice; each batch re-reads its positions, so one moved meanwhile is left alone."""
+    def resume(self, machine_name: str, state: str, *, limit: int = 0, batch_size: int = 1000) -> Resumed:
+        """Re-drive the profiles now in ``state`` (``crm-states resume``), in batches. Ids are read first, so
+        a profile that lands in the same state again is not met twice; each batch re-reads its positions, so
+        one moved meanwhile is left alone. A batch that halts (the CRM's limit, no CRM configured) ends it:
+        the later batches would meet the same refusal and are counted as not tried."""
         name = machine(machine_name).name
         ids = [row["id"] for row in self.profiles_in_state(name, state, limit=limit)]
-        outcomes: Counter[str] = Counter()
+        resumed = Resumed()
         engine = self.engine(name)
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
             positions = self.store.positions_of(name, chunk)
             still = [pid for pid in chunk if pid in positions and positions[pid].state == state]
             docs = {p["id"]: p for p in self.store.profiles.find({"id": {"$in": still}})}
-            runs = [engine.prepare(docs.get(pid, {"id": pid}), positions[pid], restart=True) for pid in still]
-            outcomes.update(r.state if r.outcome == "finished" else r.outcome for r in engine.drive(runs))
-        return outcomes
+            results = engine.drive([engine.prepare(docs.get(pid, {"id": pid}), positions[pid], restart=True)
+                                    for pid in still])
+            resumed.results.extend(results)
+            if any(r.outcome == "halted" for r in results):
+                resumed.not_tried = len(ids) - start - len(chunk)
+                break
+        return resumed
 
     def heal(self, machine_name: str | None = None, *, dry_run: bool = False) -> HealReport:
         """Write back the data finished runs recorded where Sefaria's profile saves erased it (no CRM call;

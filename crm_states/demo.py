@@ -16,7 +16,7 @@ from pymongo.errors import OperationFailure
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
-from .api import CrmStates
+from .api import MACHINES, CrmStates
 from .crm.http import RetryPolicy
 from .crm.salesforce import SalesforceConnectionManager, SalesforceSchema, TokenCache
 from .journal import replay_file
@@ -79,6 +79,35 @@ def _outage(db: Database, on: bool) -> bool:
         return False
 
 
+class SignupProgress:
+    """The signup phase's progress: a tqdm bar on a terminal (as the validation phase has), else a line at
+    every tenth of the users."""
+
+    def __init__(self, total: int, stream: TextIO | None) -> None:
+        self.total, self.stream, self.done, self.shown = total, stream, 0, 0
+        self.states: Counter[str] = Counter()
+        self.bar = None
+        if stream is not None and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="signup", file=stream, dynamic_ncols=True)
+
+    def update(self, results: list[Any]) -> None:
+        self.done += len(results)
+        self.states.update(r.state or "not started" for r in results)
+        states = ", ".join(f"{state} {n}" for state, n in sorted(self.states.items()))
+        if self.bar is not None:
+            self.bar.update(len(results))
+            self.bar.set_postfix_str(states, refresh=False)
+        elif self.stream is not None and (self.done * 10 // max(self.total, 1) > self.shown or self.done == self.total):
+            self.shown = self.done * 10 // max(self.total, 1)
+            print(f"signed up {self.done}/{self.total} new users; {states}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out: TextIO,
              progress: TextIO | None = None) -> int:
     rng = random.Random(seed)
@@ -117,15 +146,17 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
         batches = [new_users[i:i + size] for i in range(0, len(new_users), size)]
         # The journal file gets every entry; the demo keeps its hundred JSON log lines off the screen.
         logging.getLogger("crm_states.journal").setLevel(logging.CRITICAL)
+        bar = SignupProgress(len(new_users), progress)
         for index, batch in enumerate(batches):
             if index == 0:
                 fake.inject(Fault.error(503), times=4, kind="upsert")  # one signup fails past the retry budget
             outage = index == min(1, len(batches) - 1) and _outage(db, True)
             try:
-                engine.drive(engine.prepare_all(batch))
+                bar.update(engine.drive(engine.prepare_all(batch)))
             finally:
                 if outage:
                     _outage(db, False)
+        bar.close()
         served = dict(fake.counts)
 
     print(f"\nValidation: {validation.processed} profiles in {validation.seconds:.1f}s "
@@ -133,10 +164,11 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
     print("Fake Salesforce served " + ", ".join(f"{n} {kind}" for kind, n in sorted(served.items()) if n)
           + " requests.", file=out)
     if journal_path.exists():
-        replayed = replay_file(app.store, journal_path)
+        replayed = replay_file(app.store, journal_path, machines=MACHINES)
         print(f"{replayed.entries} signups met the database outage; their results were journaled to {journal_path} "
-              f"and replaying it restored {replayed.applied} (crm-states replay {journal_path} does the same).",
-              file=out)
+              f"and replaying it restored {replayed.applied} (crm-states replay {journal_path} does the same). "
+              f"They stay in LoggedDbFailure until `crm-states resume --machine {signup.NAME} --state LoggedDbFailure` "
+              f"records them.", file=out)
     _print_paths(app, docs, out)
     print("", file=out)
     print_counts(db, out)

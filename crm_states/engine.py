@@ -21,8 +21,9 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from . import owners
+from . import metrics, owners
 from .journal import Journal, JournalEntry
+from .logs import fields
 from .records import START, Claim, Position, ProfileWrite, Transition, iso, new_run_id, utcnow
 from .spec import (Act, Binding, BindingError, Halt, Outcome, Run, RunResult, StateMachine, Write, describe, each,
                    trigger_name)
@@ -257,12 +258,15 @@ class Engine:
                           "error": f"DB write failed: {error}"[:300],
                           "intended": intended.to_doc() if intended else None}
                 self.spec.fire(run, binding.failure, self.clock(), detail)
+                metrics.db_failure_transition(self.spec.name, binding.failure)
                 return True
         return False
 
     def _interrupted(self, run: Run, error: StoreError) -> None:
         log.warning("profile %s %s: not persisted, stays at %s: %s", run.profile_id, self.spec.name,
-                    run.position.state, error)
+                    run.position.state, error, extra=fields(machine=self.spec.name, profile_id=run.profile_id,
+                                                            state=run.position.state, outcome="interrupted",
+                                                            error_class=type(error).__name__))
         run.result = RunResult(run.profile_id, run.position.state, "interrupted", str(error)[:300])
         run.pending.clear()
 

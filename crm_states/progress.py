@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from .logs import fields
 from .spec import RunResult
 
 log = logging.getLogger("crm_states.runner")
@@ -90,7 +91,8 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info("%d/%d done, %.0f/s, ETA %.0fs; %s", self.done, self.total, rate, eta, states_line(states))
+            log.info("%d/%d done, %.0f/s, ETA %.0fs; %s", self.done, self.total, rate, eta, states_line(states),
+                     extra=fields(processed=self.done, total=self.total))
 
     def close(self) -> None:
         if self.bar is not None:

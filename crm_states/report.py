@@ -35,6 +35,7 @@ STOPPED = "stopped"  # a terminal state that is not final: a failure someone has
 DB_FAILURE = "db failure"  # a Write state's failure edge: the intended write is in the journal
 INTERMEDIATE = "intermediate"  # has outgoing edges: a profile here is a run stopped half-way
 UNKNOWN = "not in diagram"  # in the database but not in today's diagram (renamed or removed state)
+FAILURE_KINDS = frozenset({STOPPED, DB_FAILURE})  # what an operator has to act on
 
 #: Handling of each failure state, quoted or closely paraphrased from the design document (CRM.md,
 #: 'Handling "Failure States"'), with the command of this project that does the step.
@@ -207,10 +208,15 @@ def collect(db: Database, machines: Iterable[str] | None = None) -> dict[str, li
 
 
 # --- the three outputs ------------------------------------------------------------------------------
+#: The text report's column headers, over the columns of its rows.
+TEXT_HEADER = f"  {'state':<30} {'count':>8}  {'kind':<14}  since (oldest .. newest entry)"
+
+
 def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
     for name, rows in data.items():
         total = sum(r.count for r in rows)
         print(f"{name} ({total} profiles)", file=out)
+        print(TEXT_HEADER, file=out)
         for r in rows:
             mark = "" if r.kind == INTERMEDIATE else r.kind
             since = f"{_iso(r.oldest)} .. {_iso(r.newest)}" if r.count else ""
@@ -285,7 +291,10 @@ def export_csv(db: Database, machine: str, state: str, out: TextIO, *, batch_siz
 
 
 def first_in_state(db: Database, machine: str, state: str, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` profiles in ``state`` (oldest first): ``id``, ``last_crm_log``, ``since``."""
+    """The ``limit`` profiles longest in ``state`` (oldest first), each ``{id, last_crm_log, since}``: what the
+    HTML report shows of a failure state. ``since`` is a datetime (or None), ``last_crm_log`` a string or None."""
+    if limit < 1:  # pymongo reads a limit of 0 as "no limit"
+        raise ValueError(f"limit must be at least 1, got {limit}")
     store = Store(db)
     rows = list(store.in_state(machine, state, limit=limit))
     profiles = {p["id"]: p for p in store.profiles.find({"id": {"$in": [r["id"] for r in rows]}},

@@ -29,6 +29,7 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 
 from machines import nb_profile_validation as nb
 
+from . import metrics
 from .api import CrmStates
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
@@ -267,6 +268,7 @@ class ValidationRunner:
         return engine.drive([engine.prepare(p, positions.get(p["id"], Position()), restart=True) for p in profiles])
 
     def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
+        metrics.runner_results(nb.NAME, results)
         with self._lock:
             report.lookups += 1
             done = report.add(results)

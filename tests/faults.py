@@ -13,7 +13,7 @@ from crm_states.store import POSITIONS
 
 
 class WritePlan:
-    """Which write calls fail: ``{("crm_transitions", "insert", 2)}`` fails the second insert."""
+    """Which write calls fail: ``{("crm_positions", "update", 2)}`` fails the second update of positions."""
 
     def __init__(self, failing: set[tuple[str, str, int]] | None = None) -> None:
         self.failing = set(failing or ())

@@ -400,7 +400,10 @@ def test_db_failure_then_replay_resume_and_report_through_the_cli(name: str, db,
     assert main(["replay", str(journal), *base]) == 0
     assert main(["replay", str(journal), *base]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "1 journal entries: 0 applied, 1 already applied; 0 other lines skipped"
+    assert out[-2] == f"1 journal entries in {journal}: 0 applied now, 1 already applied (replay restores the " \
+                      f"journaled history and profile data)"
+    assert out[-1] == f"  1 of their profiles stay in LoggedDbFailure ({name}) until `crm-states resume --machine " \
+                      f"{name} --state LoggedDbFailure` moves them on"
     assert main(["resume", "--machine", name, "--state", "LoggedDbFailure", *base]) == 0
     resumed = capsys.readouterr().out
     assert "1 profiles in LoggedDbFailure re-driven:" in resumed and flow["success"] in resumed

@@ -126,6 +126,8 @@ def _text_rows(text: str) -> dict[str, dict[str, tuple[int, str]]]:
         if line and not line.startswith(" "):
             current = line.split(" (")[0]
             rows[current] = {}
+        elif line == report.TEXT_HEADER:
+            continue
         elif line.startswith("  ") and not line.startswith("   ") and not line.startswith("  NOTE:"):
             state, count, *rest = line.split()
             rows[current][state] = (int(count), " ".join(rest))
@@ -322,7 +324,8 @@ BAD_FLAGS = [
     (["--machine", "nope"], "unknown machine 'nope'; known machines: nb_profile_validation, new_user_signup"),
     (["--machine", SIGNUP, "--state", "WroteNotFound", "--csv", "-"],
      "new_user_signup has no state 'WroteNotFound'; its states: UserCreated, "),
-    (["--state", "Nope", "--csv", "-"], "no machine has a state 'Nope'; states: nb_profile_validation: NotChecked"),
+    (["--state", "Nope", "--csv", "-"], "no machine has a state 'Nope'; the states of each machine:\n"
+                                        "  nb_profile_validation: NotChecked"),
     (["--state", "UnexpectedResponse", "--csv", "-"], "is in several machines"),
     (["--csv", "x.csv"], "--csv needs --state"),
     (["--state", "WroteNotFound"], "add --csv FILE"),
@@ -337,7 +340,9 @@ def test_bad_flags_are_one_line_usage_errors(db, flags: list[str], message: str)
     with pytest.raises(CliError) as caught:
         run_report(db, _args(*flags), io.StringIO())
     assert caught.value.code == 2
-    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert message in str(caught.value)
+    lines = str(caught.value).splitlines()  # one line, but the states of each machine: one line per machine
+    assert len(lines) == (1 + len(MACHINES) if "each machine" in message else 1)
 
 
 def test_bad_flags_through_the_cli_exit_2_with_one_line(db, mongo_url: str, tmp_path: Path, capsys) -> None:
@@ -347,7 +352,8 @@ def test_bad_flags_through_the_cli_exit_2_with_one_line(db, mongo_url: str, tmp_
         assert main([*base, *flags]) == 2
         captured = capsys.readouterr()
         assert captured.out == ""
-        assert captured.err.startswith("crm-states: ") and captured.err.count("\n") == 1, captured.err
+        lines = 1 + len(MACHINES) if flags[:2] == ["--state", "Nope"] else 1
+        assert captured.err.startswith("crm-states: ") and captured.err.count("\n") == lines, captured.err
         assert "Traceback" not in captured.err
     assert not (tmp_path / "missing").exists()
 

@@ -3,6 +3,9 @@
 Sefaria's dummy stored ``nationbuilder_id = True`` in profiles, a value later code took for a real id.
 Ours returns ``dummy:<hash>`` ids: deterministic (the same user always gets the same one) and impossible
 to mistake for a CRM's (Salesforce ids are alphanumeric, NationBuilder ids are integers).
+
+Reads raise ``CrmNotSupported``: an empty answer from a CRM that was never asked would be taken for a
+verdict ("not in Salesforce", "no sustainers"), and Sefaria's sync demoted everyone on such an answer.
 """
 
 from __future__ import annotations
@@ -13,8 +16,26 @@ from collections.abc import Iterable, Iterator, Mapping
 import requests
 
 from .base import CrmConnectionManager
+from .errors import CrmNotSupported
 
 DUMMY_ID_PREFIX = "dummy:"
+
+#: Which CRM_TYPE values can answer each read (the design document: validation is against Salesforce).
+READ_NEEDS: dict[str, tuple[str, ...]] = {
+    "find_app_users_by_nationbuilder_ids": ("SALESFORCE",),
+    "find_crm_id": ("SALESFORCE", "NATIONBUILDER"),
+    "get_sustainers": ("SALESFORCE", "NATIONBUILDER"),
+    "get_available_lists": ("SALESFORCE",),
+}
+
+
+def not_supported(crm_type: str, method: str, *, code: str = "cannot_read") -> CrmNotSupported:
+    """The refusal of a CRM that cannot answer ``method``, naming the CRM_TYPE values that can."""
+    needs = READ_NEEDS.get(method, ("SALESFORCE",))
+    exc = CrmNotSupported(f"CRM_TYPE={crm_type} cannot answer reads ({method}): it needs CRM_TYPE="
+                          f"{' or '.join(needs)}", needs=needs)
+    exc.code = code
+    return exc
 
 
 def dummy_id(key: str) -> str:
@@ -28,7 +49,7 @@ def is_dummy_id(crm_id: object) -> bool:
 
 
 class DummyConnectionManager(CrmConnectionManager):
-    """Accepts every write, answers every read with "nothing"."""
+    """Accepts every write; refuses every read (``CrmNotSupported``), never answering "nothing"."""
 
     name = "none"
 
@@ -68,13 +89,13 @@ class DummyConnectionManager(CrmConnectionManager):
         pass
 
     def find_crm_id(self, email: str) -> str | None:
-        return None
+        raise not_supported("NONE", "find_crm_id")
 
     def get_available_lists(self) -> list[str]:
-        return []
+        raise not_supported("NONE", "get_available_lists")
 
     def get_sustainers(self) -> Iterator[str]:
-        return iter(())
+        raise not_supported("NONE", "get_sustainers")
 
     def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
-        return {}
+        raise not_supported("NONE", "find_app_users_by_nationbuilder_ids")

@@ -7,8 +7,10 @@ typo in production quietly drops every signup. Here that, and any missing settin
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .base import CrmConnectionManager
@@ -63,3 +65,57 @@ def crm_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> CrmC
         return DummyConnectionManager(**overrides)
     shown = repr(given[:40]) if given else "empty"
     raise CrmConfigError(f"CRM_TYPE is {shown}: set it to one of {', '.join(CRM_TYPES)}")
+
+
+class LazyCrm:
+    """The CRM of ``CRM_TYPE``, built on first use: a command that asks the CRM nothing (a replay, a resume
+    that writes journaled results) then never needs one configured.
+
+    ``refusal`` keeps the first ``CrmConfigError`` (which includes ``CrmNotSupported``) that building the
+    CRM or calling it raised, so a caller that let a machine halt on it can say why in one line. Any
+    attribute is the built CRM's; methods are wrapped only to note that refusal.
+    """
+
+    def __init__(self, build: Callable[[], CrmConnectionManager] = crm_from_env) -> None:
+        self._build = build
+        self._crm: CrmConnectionManager | None = None
+        self._lock = threading.Lock()
+        self.refusal: CrmConfigError | None = None
+
+    def resolve(self) -> CrmConnectionManager:
+        """The CRM, built now if not yet; ``CrmConfigError`` when the settings do not make one."""
+        with self._lock:
+            if self._crm is None:
+                try:
+                    self._crm = self._build()
+                except CrmConfigError as exc:
+                    self._note(exc)
+                    raise
+            return self._crm
+
+    def _note(self, exc: CrmConfigError) -> None:
+        if self.refusal is None:
+            self.refusal = exc
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        value = getattr(self.resolve(), name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except CrmConfigError as exc:
+                self._note(exc)
+                raise
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"LazyCrm({self._crm!r})" if self._crm is not None else "LazyCrm(not built yet)"
+
+
+CrmConnectionManager.register(LazyCrm)  # isinstance holds: it stands for the CRM it builds

@@ -16,6 +16,8 @@ from typing import Any
 import attrs
 import requests
 
+from .. import metrics
+from ..logs import fields
 from .errors import CrmError, CrmReadTimeout, CrmTransientError
 
 log = logging.getLogger("crm_states.crm")
@@ -74,8 +76,12 @@ def send(
             wait = getattr(last, "retry_after", None)
             if wait is None:
                 wait = policy.delay(attempt - 1, rng)
-            log.info("crm retry %s %s in %.2fs after: %s", method, redact_url(url), wait, last)
+            log.info("crm retry %s %s in %.2fs after: %s", method, redact_url(url), wait, last,
+                     extra=fields(kind=metrics.request_kind(method, url), outcome="retried",
+                                  error_class=type(last).__name__, attempt=attempt, wait_seconds=round(wait, 3)))
+            metrics.crm_retry(method, url)
             sleep(wait)
+        started, response = time.monotonic(), None
         try:
             response = session.request(method, url, **kwargs)
         except requests.ReadTimeout as exc:
@@ -83,16 +89,14 @@ def send(
             # so that callers sending a non-idempotent request can refuse to send it again.
             last = CrmReadTimeout(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}",
                                   method=method, url=redact_url(url))
-            continue
         except requests.Timeout as exc:  # ConnectTimeout: the request never reached the server
             last = CrmTransientError(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}")
-            continue
         except requests.ConnectionError as exc:
             last = CrmTransientError(f"connection failed on {method} {redact_url(url)}: {type(exc).__name__}")
-            continue
         except requests.RequestException as exc:
             raise CrmError(f"request failed on {method} {redact_url(url)}: {type(exc).__name__}") from None
-        error = classify(response)
+        error = last if response is None else classify(response)
+        metrics.crm_request(method, url, time.monotonic() - started, error)
         if error is None:
             return response
         if not isinstance(error, CrmTransientError):

@@ -22,6 +22,7 @@ from urllib.parse import quote, quote_plus, urlencode, urlsplit
 import attrs
 import requests
 
+from .. import metrics
 from .base import CrmConnectionManager
 from .errors import (
     CrmAuthError,
@@ -580,6 +581,7 @@ class SalesforceConnectionManager(CrmConnectionManager):
         m = _USAGE.search(response.headers.get("Sforce-Limit-Info", ""))
         if m:
             self._usage = (int(m.group(1)), int(m.group(2)))
+            metrics.salesforce_api_usage(*self._usage)
         log.debug("salesforce %s %s -> %s (api usage %s)", response.request.method,
                   urlsplit(response.request.url or "").path, response.status_code, self._usage)
 
