@@ -1,0 +1,210 @@
+"""Salesforce REST client behind ``CrmConnectionManager``.
+
+What Sefaria's manager got wrong and this one does instead: one OAuth2 client-credentials token per
+process (refreshed once on INVALID_SESSION_ID) rather than one per web request; a timeout and bounded
+retries on every call; errors raised as ``CrmError`` classes instead of swallowed into ``False``; every
+SOQL literal built by ``soql_quote``; creates that a retry cannot duplicate; sustainers read whole or
+not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import requests
+
+from ..base import CrmConnectionManager
+from ..errors import CrmConfigError, CrmRejected
+from ..http import RetryPolicy, short
+from . import creates
+from .answers import record_id_of
+from .queries import NationbuilderLookup, query_all
+from .schema import SalesforceSchema, language, soql_quote
+from .transport import TokenCache, Transport
+
+log = logging.getLogger("crm_states.crm")
+
+_RECORD_ID = re.compile(r"[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?")
+
+
+class SalesforceConnectionManager(CrmConnectionManager):
+    """Sefaria's Salesforce org over REST. See the module docstring for what it guarantees.
+
+    ``create_settle_seconds`` bounds how long a create by email (no ``external_id_field``) whose POST
+    got no answer within the read timeout keeps looking the email up, waiting for Salesforce to commit
+    the record it may still be making; that POST is never sent again in the same call. ``None`` (the
+    default) means ``2 * policy.read_timeout + 5`` seconds. If the record does not show up in time the
+    create raises ``CrmOutcomeUnknown``; a later call looks the email up before creating again.
+    """
+
+    name = "salesforce"
+
+    def __init__(
+        self,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        api_version: str = "60.0",
+        session: requests.Session | None = None,
+        policy: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], None] = time.sleep,
+        verify: bool | str | None = None,
+        schema: SalesforceSchema = SalesforceSchema(),
+        token_cache: TokenCache | None = None,
+        max_ids_per_query: int = 2000,
+        create_settle_seconds: float | None = None,
+    ) -> None:
+        if not re.fullmatch(r"https?://[^/\s]+/?", base_url or ""):
+            raise CrmConfigError("SALESFORCE_BASE_URL must be an http(s) origin such as https://x.my.salesforce.com")
+        if not client_id or not client_secret:
+            raise CrmConfigError("SALESFORCE_CLIENT_ID and SALESFORCE_CLIENT_SECRET are required")
+        if not re.fullmatch(r"\d+\.\d", api_version):
+            raise CrmConfigError(f"api_version must look like 60.0, not {api_version!r}")
+        if max_ids_per_query < 1:
+            raise CrmConfigError("max_ids_per_query must be at least 1")
+        if create_settle_seconds is None:
+            create_settle_seconds = 2 * policy.read_timeout + 5.0
+        if not create_settle_seconds >= 0:  # also refuses NaN
+            raise CrmConfigError("create_settle_seconds must be 0 or more")
+        self._http = Transport(base_url, client_id, client_secret, api_version=api_version,
+                               session=session or requests.Session(), policy=policy, sleep=sleep, verify=verify,
+                               token_cache=token_cache)
+        self.schema = schema
+        self.max_ids_per_query = max_ids_per_query
+        self.create_settle_seconds = float(create_settle_seconds)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def api_usage(self) -> tuple[int, int] | None:
+        """``(used, max)`` daily API calls from the last ``Sforce-Limit-Info`` header, if any."""
+        return self._http.usage
+
+    @property
+    def instance_url(self) -> str:
+        """Where API calls go: the token response's ``instance_url``."""
+        return self._http.token().instance_url
+
+    # -- CrmConnectionManager ------------------------------------------------------------------------
+
+    def get_connection(self) -> requests.Session:
+        """A new ``requests.Session`` carrying the current bearer token and this client's TLS settings.
+
+        Its token is not refreshed: prefer the manager's methods, which are.
+        """
+        token = self._http.token()
+        own = self._http.session
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {token.access_token}"
+        session.verify = self._http.verify
+        session.cert = own.cert
+        session.proxies = dict(own.proxies)
+        session.trust_env = own.trust_env
+        return session
+
+    def add_user_to_crm(
+        self,
+        email: str,
+        first_name: str,
+        last_name: str,
+        lang: str = "en",
+        educator: bool = False,
+        external_id: str | int | None = None,
+    ) -> str:
+        s = self.schema
+        fields = {
+            s.first_name_field: first_name,
+            s.last_name_field: last_name,
+            s.email_field: email,
+            s.language_field: language(lang),
+            s.educator_field: bool(educator),
+        }
+        if s.external_id_field and external_id is not None:
+            return creates.upsert_user(self._http, s.app_user_object, s.external_id_field, external_id, fields)
+        return creates.create_user(self._http, s.app_user_object, email, fields, find=self.find_crm_id,
+                                   settle_seconds=self.create_settle_seconds)
+
+    def change_user_email(self, crm_id: str, new_email: str) -> None:
+        self._patch_user(crm_id, {self.schema.email_field: new_email})
+
+    def add_email_to_mailing_lists(
+        self,
+        email: str,
+        mailing_lists: Iterable[str],
+        first_name: str | None = None,
+        last_name: str | None = None,
+        lang: str = "en",
+        educator: bool = False,
+    ) -> None:
+        """One ``Sefaria_App_Data__c`` record whose JSON the org's flow turns into subscriptions.
+
+        A retried POST may leave a second identical record; subscribing twice is harmless.
+        """
+        s = self.schema
+        payload = {
+            "Action": s.newsletter_action,
+            s.first_name_field: first_name,
+            s.last_name_field: last_name,
+            s.email_field: email,
+            s.language_field: language(lang),
+            s.educator_field: bool(educator),
+            s.newsletter_lists_field: list(mailing_lists),
+        }
+        self._http.api("POST", f"sobjects/{s.app_data_object}/", json={s.app_data_json_field: json.dumps(payload)})
+
+    def mark_as_spam_in_crm(self, crm_id: str) -> None:
+        """Salesforce has no spam action: flag the app user for manual review, as Sefaria does."""
+        self.mark_for_review_in_crm(crm_id)
+
+    def mark_for_review_in_crm(self, crm_id: str) -> None:
+        self._patch_user(crm_id, {self.schema.review_field: True})
+
+    def find_crm_id(self, email: str) -> str | None:
+        s = self.schema
+        soql = f"SELECT Id FROM {s.app_user_object} WHERE {s.email_field} = {soql_quote(email)} LIMIT 2"
+        records = query_all(self._http, soql)
+        if not records:
+            return None
+        if len(records) > 1:
+            log.warning("salesforce: several %s records share one email; using %s", s.app_user_object,
+                        records[0].get("Id"))
+        return record_id_of(records[0])
+
+    def get_available_lists(self) -> list[str]:
+        """Sefaria's list catalogue: ``Subscriptions__c`` of the ``AC_to_SF_List_Mapping__mdt`` metadata."""
+        s = self.schema
+        records = query_all(self._http, f"SELECT {s.list_name_field} FROM {s.list_mapping_object}")
+        return sorted({str(r[s.list_name_field]) for r in records if r.get(s.list_name_field)})
+
+    def get_sustainers(self) -> Iterator[str]:
+        """Every page is read before anything is returned, so a failure part-way raises."""
+        return iter([record_id_of(r) for r in query_all(self._http, self.schema.sustainer_query)])
+
+    def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
+        """One GET query while the ids fit Salesforce's request-size limit; beyond it, the queries ride
+        in ``POST /composite`` (one API call for up to 25 of them) rather than as several GETs."""
+        return self._nationbuilder().find(ids)
+
+    def find_app_users_by_nationbuilder_ids_composite(self, ids: Iterable[int]) -> Mapping[int, str]:
+        """The same lookup as ``find_app_users_by_nationbuilder_ids`` with queries in ``POST /composite``.
+
+        Sub-request queries ride in the body, so only the SOQL length (100,000 chars) and
+        ``max_ids_per_query`` bound them: 25 chunks per API call instead of one.
+        """
+        return self._nationbuilder().find_composite(ids)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _nationbuilder(self) -> NationbuilderLookup:
+        return NationbuilderLookup(self._http, self.schema, self.max_ids_per_query)
+
+    def _patch_user(self, crm_id: str, fields: Mapping[str, Any]) -> None:
+        if not isinstance(crm_id, str) or not _RECORD_ID.fullmatch(crm_id):
+            raise CrmRejected(f"not a Salesforce record id: {short(repr(crm_id), 40)}")
+        self._http.api("PATCH", f"sobjects/{self.schema.app_user_object}/{crm_id}", json=fields)
