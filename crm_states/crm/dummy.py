@@ -28,7 +28,8 @@ def is_dummy_id(crm_id: object) -> bool:
 
 
 class DummyConnectionManager(CrmConnectionManager):
-    """Accepts every write, answers every read with "nothing"."""
+    """Accepts every write (``True``, as Sefaria's dummy answers), answers every read with "nothing";
+    the batched lookups, which have no honest "nothing", raise ``CrmNotSupported``."""
 
     name = "none"
 
@@ -47,8 +48,8 @@ class DummyConnectionManager(CrmConnectionManager):
         key = f"external:{external_id}" if external_id is not None else f"email:{email.strip().lower()}"
         return dummy_id(key)
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
-        pass
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
+        return True
 
     def add_email_to_mailing_lists(
         self,
@@ -61,13 +62,14 @@ class DummyConnectionManager(CrmConnectionManager):
     ) -> None:
         pass
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
-        pass
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
+        return True
 
-    def mark_for_review_in_crm(self, crm_id: str) -> None:
-        pass
+    def mark_for_review_in_crm(self, crm_id: str) -> bool:
+        return True
 
-    def find_crm_id(self, email: str) -> str | None:
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        self.needs_email(email)
         return None
 
     def get_available_lists(self) -> list[str]:
@@ -78,3 +80,8 @@ class DummyConnectionManager(CrmConnectionManager):
 
     def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
         return {}
+
+    @property
+    def api_requests(self) -> int:
+        """Always 0: the dummy sends nothing. Its batched lookups raise ``CrmNotSupported``."""
+        return 0

@@ -64,6 +64,17 @@ class CrmRejected(CrmError):
     """A 4xx the CRM refused for good: validation failures, duplicates, malformed requests."""
 
 
+class CrmInvalidInput(CrmRejected, ValueError):
+    """Refused before any request: the input cannot be what it claims to be (``validate_email`` and
+    ``validate_name``). A ``ValueError`` too, as Sefaria's validators raise and its callers catch."""
+
+
+class CrmBadAnswer(CrmError):
+    """The CRM answered with something that must not pass as data: a malformed record id, an id of
+    another object, an oversized value, several records where one was expected. The message says what
+    was wrong, never the value itself."""
+
+
 class CrmConfigError(CrmError):
     """The CRM is not configured correctly (a missing setting, an unknown CRM_TYPE)."""
 

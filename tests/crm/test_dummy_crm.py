@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
+
+from crm_states.crm import CrmNotSupported
 
 from crm_states.crm.dummy import DUMMY_ID_PREFIX, DummyConnectionManager, dummy_id, is_dummy_id
 
@@ -29,10 +32,21 @@ def test_real_ids_and_sefarias_true_are_not_dummy_ids() -> None:
 def test_writes_do_nothing_and_reads_find_nothing() -> None:
     crm = DummyConnectionManager()
     crm_id = crm.add_user_to_crm("a@example.org", "A", "L")
-    assert crm.change_user_email(crm_id, "b@example.org") is None
+    assert crm.change_user_email(crm_id, "b@example.org") is True  # Sefaria's truthy answers
     assert crm.add_email_to_mailing_lists("a@example.org", ["L1"]) is None
-    assert crm.mark_as_spam_in_crm(crm_id) is None and crm.mark_for_review_in_crm(crm_id) is None
+    assert crm.subscribe_to_lists("a@example.org", mailing_lists=["L1"]) is True
+    assert crm.mark_as_spam_in_crm(crm_id) is True and crm.mark_for_review_in_crm(crm_id) is True
     assert crm.find_crm_id("a@example.org") is None
     assert list(crm.get_sustainers()) == []
     assert crm.find_app_users_by_nationbuilder_ids([1, 2]) == {}
     assert isinstance(crm.get_connection(), requests.Session) and crm.name == "none"
+    assert crm.api_requests == 0
+
+
+def test_the_batched_lookups_have_no_honest_nothing() -> None:
+    crm = DummyConnectionManager()
+    for call in (lambda: crm.lookup_app_users_by_nationbuilder_ids([1]),
+                 lambda: crm.lookup_app_users_by_emails(["a@example.org"])):
+        with pytest.raises(CrmNotSupported, match="CRM_TYPE=SALESFORCE") as caught:
+            call()
+        assert caught.value.needs == ("SALESFORCE",)

@@ -19,11 +19,13 @@ from typing import Any
 import requests
 
 from ..base import CrmConnectionManager
+from ..checks import check_record_id
 from ..errors import CrmConfigError, CrmRejected
 from ..http import RetryPolicy, short
+from ..results import Matches
 from . import creates
 from .answers import record_id_of
-from .queries import NationbuilderLookup, query_all
+from .queries import Lookups, query_all, single_ids
 from .schema import SalesforceSchema, language, soql_quote
 from .transport import TokenCache, Transport
 
@@ -87,6 +89,12 @@ class SalesforceConnectionManager(CrmConnectionManager):
         return self._http.usage
 
     @property
+    def api_requests(self) -> int:
+        """Every request this client sent under ``/services/data`` (each try of a retried one, and one
+        per composite however many sub-requests it carries); the OAuth token request is not one."""
+        return self._http.sent.value
+
+    @property
     def instance_url(self) -> str:
         """Where API calls go: the token response's ``instance_url``."""
         return self._http.token().instance_url
@@ -126,12 +134,15 @@ class SalesforceConnectionManager(CrmConnectionManager):
             s.educator_field: bool(educator),
         }
         if s.external_id_field and external_id is not None:
-            return creates.upsert_user(self._http, s.app_user_object, s.external_id_field, external_id, fields)
-        return creates.create_user(self._http, s.app_user_object, email, fields, find=self.find_crm_id,
-                                   settle_seconds=self.create_settle_seconds)
+            made = creates.upsert_user(self._http, s.app_user_object, s.external_id_field, external_id, fields)
+        else:
+            made = creates.create_user(self._http, s.app_user_object, email, fields, find=self.find_crm_id,
+                                       settle_seconds=self.create_settle_seconds)
+        return self._app_user_id(made)
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
         self._patch_user(crm_id, {self.schema.email_field: new_email})
+        return True
 
     def add_email_to_mailing_lists(
         self,
@@ -158,23 +169,24 @@ class SalesforceConnectionManager(CrmConnectionManager):
         }
         self._http.api("POST", f"sobjects/{s.app_data_object}/", json={s.app_data_json_field: json.dumps(payload)})
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
         """Salesforce has no spam action: flag the app user for manual review, as Sefaria does."""
-        self.mark_for_review_in_crm(crm_id)
+        return self.mark_for_review_in_crm(crm_id)
 
-    def mark_for_review_in_crm(self, crm_id: str) -> None:
+    def mark_for_review_in_crm(self, crm_id: str) -> bool:
         self._patch_user(crm_id, {self.schema.review_field: True})
+        return True
 
-    def find_crm_id(self, email: str) -> str | None:
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        email = self.needs_email(email)
         s = self.schema
         soql = f"SELECT Id FROM {s.app_user_object} WHERE {s.email_field} = {soql_quote(email)} LIMIT 2"
         records = query_all(self._http, soql)
         if not records:
             return None
         if len(records) > 1:
-            log.warning("salesforce: several %s records share one email; using %s", s.app_user_object,
-                        records[0].get("Id"))
-        return record_id_of(records[0])
+            log.warning("salesforce: several %s records share one email; using the first", s.app_user_object)
+        return self._app_user_id(record_id_of(records[0]))
 
     def get_available_lists(self) -> list[str]:
         """Sefaria's list catalogue: ``Subscriptions__c`` of the ``AC_to_SF_List_Mapping__mdt`` metadata."""
@@ -183,26 +195,38 @@ class SalesforceConnectionManager(CrmConnectionManager):
         return sorted({str(r[s.list_name_field]) for r in records if r.get(s.list_name_field)})
 
     def get_sustainers(self) -> Iterator[str]:
-        """Every page is read before anything is returned, so a failure part-way raises."""
-        return iter([record_id_of(r) for r in query_all(self._http, self.schema.sustainer_query)])
+        """Every page is read (and every id checked) before anything is returned, so a failure
+        part-way raises."""
+        return iter([self._app_user_id(record_id_of(r)) for r in query_all(self._http, self.schema.sustainer_query)])
+
+    def lookup_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> dict[int, Matches]:
+        """Every app user holding each NationBuilder id (``schema.nationbuilder_id_field``, on the app
+        user or through its Contact), packed as the ``queries`` module says: one GET while the ids fit
+        one URL, else composites of five queries of up to ``max_ids_per_query`` ids."""
+        return self._lookups().by_nationbuilder_ids(ids)
+
+    def lookup_app_users_by_emails(self, emails: Iterable[str]) -> dict[str, Matches]:
+        return self._lookups().by_emails(emails)
 
     def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
-        """One GET query while the ids fit Salesforce's request-size limit; beyond it, the queries ride
-        in ``POST /composite`` (one API call for up to 25 of them) rather than as several GETs."""
-        return self._nationbuilder().find(ids)
+        """``{nationbuilder_id: app_user_id}`` through ``lookup_app_users_by_nationbuilder_ids``. An id
+        held by several app users, or by one whose answer was refused, raises ``CrmBadAnswer``: it
+        never comes out as a single clean id."""
+        return single_ids(self.lookup_app_users_by_nationbuilder_ids(ids), lambda k: f"NationBuilder id {k}")
 
     def find_app_users_by_nationbuilder_ids_composite(self, ids: Iterable[int]) -> Mapping[int, str]:
-        """The same lookup as ``find_app_users_by_nationbuilder_ids`` with queries in ``POST /composite``.
-
-        Sub-request queries ride in the body, so only the SOQL length (100,000 chars) and
-        ``max_ids_per_query`` bound them: 25 chunks per API call instead of one.
-        """
-        return self._nationbuilder().find_composite(ids)
+        """The same lookup, in ``POST /composite`` calls even when one GET would do."""
+        return single_ids(self._lookups().by_nationbuilder_ids(ids, composite=True),
+                          lambda k: f"NationBuilder id {k}")
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _nationbuilder(self) -> NationbuilderLookup:
-        return NationbuilderLookup(self._http, self.schema, self.max_ids_per_query)
+    def _lookups(self) -> Lookups:
+        return Lookups(self._http, self.schema, self.max_ids_per_query)
+
+    def _app_user_id(self, value: object) -> str:
+        """An app user id from an answer, checked (format, checksum, the schema's key prefix)."""
+        return check_record_id(value, self.schema.app_user_key_prefix)
 
     def _patch_user(self, crm_id: str, fields: Mapping[str, Any]) -> None:
         if not isinstance(crm_id, str) or not _RECORD_ID.fullmatch(crm_id):

@@ -1,16 +1,33 @@
-"""SOQL queries: every page of a query, and the batched NationBuilder-id lookup (GET or composite)."""
+"""SOQL queries: every page of one query, and batched lookups packed into as few API requests as fit.
+
+A batched lookup cuts its keys into chunks whose query fits (``max_ids_per_query`` keys, 100,000 SOQL
+characters). One chunk that also fits a URL is one ``GET query``; otherwise the chunks ride in
+``POST /composite`` calls of at most five query sub-requests each (Salesforce's limit on queries in one
+composite), and each query's further pages (``nextRecordsUrl``) ride as query-more sub-requests in the
+next composites. Every composite is one API request, so 1,000,000 ids in chunks of 2,000 cost 100.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import urlencode
 
-from ..errors import CrmError
+from ..checks import MAX_VALUE_CHARS, record_id_problem, size_problem
+from ..errors import CrmBadAnswer, CrmError
 from ..http import short
-from .answers import as_int, json_object, json_page, nationbuilder_ids, record_id_of
-from .schema import MAX_COMPOSITE, MAX_REQUEST_BYTES, MAX_SOQL_CHARS, SalesforceSchema, soql_quote
+from ..results import Matches, MatchesBuilder, normalise_email
+from .answers import as_int, json_object, json_page, nationbuilder_ids
+from .schema import (
+    MAX_COMPOSITE_QUERIES,
+    MAX_REQUEST_BYTES,
+    MAX_SOQL_CHARS,
+    SalesforceSchema,
+    field_value,
+    soql_quote,
+)
 from .transport import Transport
 
 log = logging.getLogger("crm_states.crm")
@@ -38,86 +55,141 @@ def next_records_url(http: Transport, page: Mapping[str, Any]) -> str:
     return next_url
 
 
-class NationbuilderLookup:
-    """App users by NationBuilder id: one GET while the ids fit one URL, else queries in composites."""
+def composite_records(http: Transport, soqls: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Every record of every query in ``soqls``, five sub-requests per ``POST /composite``.
+
+    A query's next page goes to the front of the queue, so at most five server-side cursors are open
+    at once. Any failed sub-request raises: a partial answer must never pass for the whole.
+    """
+    pending = collections.deque(f"{http.api_root}/query?{urlencode({'q': q})}" for q in soqls)
+    while pending:
+        batch = [pending.popleft() for _ in range(min(MAX_COMPOSITE_QUERIES, len(pending)))]
+        request = {"allOrNone": False, "compositeRequest": [
+            {"method": "GET", "url": url, "referenceId": f"q{i}"} for i, url in enumerate(batch)]}
+        results = json_object(http.api("POST", "composite", json=request)).get("compositeResponse")
+        by_reference = {r.get("referenceId"): r for r in results if isinstance(r, dict)} \
+            if isinstance(results, list) else {}
+        if len(by_reference) != len(batch) or set(by_reference) != {f"q{i}" for i in range(len(batch))}:
+            raise CrmError("salesforce composite: answer does not match the sub-requests")
+        follow_ups = []
+        for i in range(len(batch)):
+            result = by_reference[f"q{i}"]
+            status, body = result.get("httpStatusCode"), result.get("body")
+            if status != 200:
+                raise http.error(status if isinstance(status, int) else 0, body, "composite query")
+            page = json_page(body)
+            yield from page["records"]
+            if not page.get("done", True):
+                follow_ups.append(next_records_url(http, page))
+        pending.extendleft(reversed(follow_ups))
+
+
+class Lookups:
+    """Batched app-user lookups by NationBuilder id or by email, answered as ``Matches`` per key."""
 
     def __init__(self, http: Transport, schema: SalesforceSchema, max_ids_per_query: int) -> None:
         self.http = http
         self.schema = schema
         self.max_ids_per_query = max_ids_per_query
 
-    def find(self, ids: Iterable[int]) -> Mapping[int, str]:
+    # -- by NationBuilder id ---------------------------------------------------------------------------
+
+    def by_nationbuilder_ids(self, ids: Iterable[int], *, composite: bool = False) -> dict[int, Matches]:
         wanted = nationbuilder_ids(ids)
-        chunks = list(self.chunks(wanted))
-        if len(chunks) > 1:
-            return self.find_composite(wanted)
-        found: dict[int, str] = {}
-        for chunk in chunks:
-            for record in query_all(self.http, self.soql(chunk)):
-                self.collect(found, record)
-        return found
+        path = self.schema.nationbuilder_id_field
+        soqls = self._soqls([self._nationbuilder_literal(i) for i in wanted], path, composite=composite)
+        keys = set(wanted)
+        found: MatchesBuilder[int] = MatchesBuilder()
+        for record in self._records(soqls, composite=composite):
+            raw = field_value(record, path)
+            nb_id = None if size_problem(raw, path) else as_int(raw)
+            self._collect(found, record, nb_id if nb_id in keys else None, path, raw)
+        return found.build()
 
-    def find_composite(self, ids: Iterable[int]) -> Mapping[int, str]:
-        soqls = [self.soql(c) for c in self.chunks(nationbuilder_ids(ids), by_url=False)]
-        found: dict[int, str] = {}
-        root = self.http.api_root
-        for start in range(0, len(soqls), MAX_COMPOSITE):
-            batch = soqls[start:start + MAX_COMPOSITE]
-            request = {"allOrNone": False, "compositeRequest": [
-                {"method": "GET", "url": f"{root}/query?{urlencode({'q': q})}", "referenceId": f"q{i}"}
-                for i, q in enumerate(batch)]}
-            response = json_object(self.http.api("POST", "composite", json=request))
-            results = response.get("compositeResponse")
-            if (not isinstance(results, list) or len(results) != len(batch)
-                    or not all(isinstance(r, dict) and isinstance(r.get("httpStatusCode"), int) for r in results)):
-                raise CrmError("salesforce composite: answer does not match the sub-requests")
-            for result in results:
-                status, body = result["httpStatusCode"], result.get("body")
-                if status != 200:
-                    raise self.http.error(status, body, "composite query")
-                for record in follow_pages(self.http, json_page(body)):
-                    self.collect(found, record)
-        return found
-
-    def literal(self, nb_id: int) -> str:
+    def _nationbuilder_literal(self, nb_id: int) -> str:
         return soql_quote(str(nb_id)) if self.schema.nationbuilder_id_is_text else str(nb_id)
 
-    def soql(self, nb_ids: Sequence[int]) -> str:
-        s = self.schema
-        literals = ",".join(self.literal(i) for i in nb_ids)
-        return (f"SELECT Id, {s.nationbuilder_id_field} FROM {s.app_user_object} "
-                f"WHERE {s.nationbuilder_id_field} IN ({literals})")
+    # -- by email ----------------------------------------------------------------------------------------
 
-    def chunks(self, nb_ids: Sequence[int], *, by_url: bool = True) -> Iterator[list[int]]:
-        """Greedy chunks whose query fits: encoded request size (for GET), SOQL length, id count.
+    def by_emails(self, emails: Iterable[str]) -> dict[str, Matches]:
+        """Emails are trimmed and lower-cased; Salesforce compares them case-insensitively. An empty or
+        oversized email can match no app user a lookup would accept, so it is not sent."""
+        wanted: dict[str, None] = {}
+        for email in emails:
+            if not isinstance(email, str):
+                raise TypeError(f"emails are str, not {type(email).__name__}")
+            key = normalise_email(email)
+            if key and len(key) <= MAX_VALUE_CHARS:
+                wanted[key] = None
+        field = self.schema.email_field
+        soqls = self._soqls([soql_quote(e) for e in sorted(wanted)], field)
+        found: MatchesBuilder[str] = MatchesBuilder()
+        for record in self._records(soqls):
+            raw = record.get(field)
+            key = normalise_email(raw) if isinstance(raw, str) and not size_problem(raw, field) else None
+            self._collect(found, record, key if key in wanted else None, field, raw)
+        return found.build()
 
-        Percent-encoding is per character, so a chunk's encoded size is the empty query's plus each
-        literal's and separator's: exact, without re-encoding the whole query per id.
-        """
-        empty = self.soql([])
-        base_bytes = self.http.query_request_bytes(empty) if by_url else 0
-        chunk: list[int] = []
-        chars, size = len(empty), base_bytes
-        for nb_id in nb_ids:
-            literal = self.literal(nb_id)
-            literal_bytes = len(quote_plus(literal)) if by_url else 0
-            comma_bytes = 3 if by_url else 0  # "," encodes as %2C
-            if chunk and (len(chunk) >= self.max_ids_per_query or chars + 1 + len(literal) > MAX_SOQL_CHARS
-                          or size + comma_bytes + literal_bytes > MAX_REQUEST_BYTES):
-                yield chunk
-                chunk, chars, size = [], len(empty), base_bytes
-            if chunk:
-                chars, size = chars + 1, size + comma_bytes
-            chunk.append(nb_id)
-            chars, size = chars + len(literal), size + literal_bytes
-        if chunk:
-            yield chunk
+    # -- shared ------------------------------------------------------------------------------------------
 
-    def collect(self, found: dict[int, str], record: Mapping[str, Any]) -> None:
-        raw = record.get(self.schema.nationbuilder_id_field)
-        nb_id = as_int(raw)
-        if nb_id is None:
-            log.warning("salesforce: ignoring app user %s with unusable NationBuilder id %s",
-                        record.get("Id"), short(repr(raw), 40))
+    def _collect(self, found: MatchesBuilder[Any], record: Mapping[str, Any], key: Any, field: str,
+                 raw: Any) -> None:
+        """File ``record`` under ``key``: its id when valid, a short detail when not."""
+        if key is None:  # an answer for a key we did not ask: nothing to file it under
+            log.warning("salesforce: ignoring an app user whose %s matches no key asked for (%s)", field,
+                        size_problem(raw, field) or short(repr(raw), 40))
             return
-        found[nb_id] = record_id_of(record)
+        problem = record_id_problem(record.get("Id"), self.schema.app_user_key_prefix)
+        if problem:
+            found.reject(key, problem)
+        else:
+            found.add(key, record["Id"])
+
+    def _records(self, soqls: list[str], *, composite: bool = False) -> Iterator[dict[str, Any]]:
+        if len(soqls) == 1 and not composite and self._fits_url(soqls[0]):
+            return iter(query_all(self.http, soqls[0]))
+        return composite_records(self.http, soqls)
+
+    def _fits_url(self, soql: str) -> bool:
+        return self.http.query_request_bytes(soql) <= MAX_REQUEST_BYTES
+
+    def _soqls(self, literals: Sequence[str], field: str, *, composite: bool = False) -> list[str]:
+        """Queries of at most ``max_ids_per_query`` literals and 100,000 characters each. When every
+        literal fits one GET the whole lookup is that one query (unless ``composite``)."""
+        s = self.schema
+        head = f"SELECT Id, {field} FROM {s.app_user_object} WHERE {field} IN ("
+        if not literals:
+            return []
+        if not composite and len(literals) <= self.max_ids_per_query:
+            whole = head + ",".join(literals) + ")"
+            if len(whole) <= MAX_SOQL_CHARS and self._fits_url(whole):
+                return [whole]
+        return [head + ",".join(chunk) + ")" for chunk in _chunks(literals, self.max_ids_per_query,
+                                                                  MAX_SOQL_CHARS - len(head) - 1)]
+
+
+def _chunks(literals: Sequence[str], most: int, room: int) -> Iterator[list[str]]:
+    """Greedy runs of at most ``most`` literals whose comma-joined length fits ``room``."""
+    chunk: list[str] = []
+    size = 0
+    for literal in literals:
+        if len(literal) > room:
+            raise CrmError(f"salesforce: a lookup value of {len(literal):,} characters cannot fit one query")
+        if chunk and (len(chunk) >= most or size + 1 + len(literal) > room):
+            yield chunk
+            chunk, size = [], 0
+        size += len(literal) + (1 if chunk else 0)
+        chunk.append(literal)
+    if chunk:
+        yield chunk
+
+
+def single_ids(matches: Mapping[int, Matches], describe: Callable[[int], str]) -> dict[int, str]:
+    """``{key: id}`` when every key has one clean id; ``CrmBadAnswer`` naming the keys that do not."""
+    unclear = [key for key, m in matches.items() if m.single is None]
+    if unclear:
+        shown = ", ".join(describe(k) for k in unclear[:5]) + (f" and {len(unclear) - 5} more" if len(unclear) > 5
+                                                              else "")
+        raise CrmBadAnswer(f"salesforce: no single clean app user for {shown}: several records or refused ones "
+                           "(use lookup_app_users_by_nationbuilder_ids to see them)", code="AMBIGUOUS")
+    return {key: m.ids[0] for key, m in matches.items()}

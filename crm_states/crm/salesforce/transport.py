@@ -25,7 +25,7 @@ from ..errors import (
     CrmRejected,
     CrmTransientError,
 )
-from ..http import RetryPolicy, redact, send, short
+from ..http import RequestCounter, RetryPolicy, redact, send, short
 from .answers import codes, payload
 
 log = logging.getLogger("crm_states.crm")
@@ -93,6 +93,8 @@ class Transport:
         self._tokens = token_cache or PROCESS_TOKENS
         self._key = (self.base_url, client_id)
         self.usage: tuple[int, int] | None = None
+        #: Every request sent under ``/services/data`` (each try; the token request is not one).
+        self.sent = RequestCounter()
 
     # -- tokens --------------------------------------------------------------------------------------
 
@@ -132,9 +134,11 @@ class Transport:
     def _send(self, method: str, path: str, token: _Token, policy: RetryPolicy,
               kwargs: Mapping[str, Any]) -> requests.Response:
         url = token.instance_url + (path if path.startswith("/") else f"{self.api_root}/{path}")
+        extra = dict(kwargs)
+        headers = {**self.headers(token), **extra.pop("headers", {})}  # a caller's Accept wins
         return self._finish(lambda: send(
             self.session, method, url, classify=self._classify, policy=policy, sleep=self.sleep,
-            verify=self.verify, headers=self.headers(token), **kwargs))
+            verify=self.verify, headers=headers, on_send=self.sent, **extra))
 
     @staticmethod
     def headers(token: _Token) -> dict[str, str]:
@@ -172,7 +176,8 @@ class Transport:
         where = f"{response.request.method} {urlsplit(response.request.url or '').path}"
         status = response.status_code
         if 200 <= status < 300:
-            if response.content and status != 204:
+            content_type = response.headers.get("Content-Type", "")
+            if response.content and status != 204 and ("json" in content_type or not content_type):
                 try:
                     response.json()
                 except ValueError:
