@@ -12,6 +12,8 @@ API = r"/services/data/v(?P<version>\d+\.\d)"
 MAX_REQUEST_BYTES = 16_384
 MAX_SOQL_CHARS = 100_000
 MAX_COMPOSITE = 25
+MAX_COMPOSITE_QUERIES = 5
+MAX_COLLECTION = 200
 
 #: Key prefixes of the objects we know; other objects get ``a0C``, ``a0D``, ... in order of first use.
 KEY_PREFIXES = {
@@ -22,6 +24,12 @@ KEY_PREFIXES = {
 }
 DEFAULT_EXTERNAL_IDS: Mapping[str, tuple[str, ...]] = {
     "Sefaria_App_User__c": ("NationBuilder_Id__c", "Sefaria_App_Email__c"),
+    "Contact": ("NationBuilder_Id__c",),
+}
+#: Parent relationships: object -> {relationship name: (lookup field, parent object)}. An app user links
+#: to its Contact, which holds the NationBuilder id (the operators' report shows it so).
+DEFAULT_RELATIONSHIPS: Mapping[str, Mapping[str, tuple[str, str]]] = {
+    "Sefaria_App_User__c": {"Contact__r": ("Contact__c", "Contact")},
 }
 DEFAULT_REQUIRED: Mapping[str, tuple[str, ...]] = {"Sefaria_App_User__c": ("Sefaria_App_Email__c",)}
 

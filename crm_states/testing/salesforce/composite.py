@@ -1,4 +1,8 @@
-"""The fake's ``POST /composite``: sub-requests dispatched to the other routes, one API call in all."""
+"""The fake's ``POST /composite``: sub-requests dispatched to the other routes, one API call in all.
+
+Salesforce's limits, with its error shape (400 ``LIMIT_EXCEEDED`` for the whole request): at most 25
+sub-requests, of which at most 5 queries, query-more calls or sObject Collections.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ import re
 from typing import TYPE_CHECKING
 
 from ..server import Reply, Request, json_reply
-from .common import MAX_COMPOSITE, json_body, sf_errors
+from .common import MAX_COMPOSITE, MAX_COMPOSITE_QUERIES, json_body, sf_errors
+
+#: Sub-requests Salesforce counts against the five of a composite: query, queryAll, query-more
+#: (``query/<locator>``) and sObject Collections.
+_QUERY_OR_COLLECTION = re.compile(r"/services/data/v\d+\.\d/(?:query|queryAll|composite/sobjects)(?:[/?]|$)")
 
 
 class CompositeRoutes:
@@ -23,8 +31,15 @@ class CompositeRoutes:
         subrequests = body.get("compositeRequest")
         if not isinstance(subrequests, list) or not subrequests:
             return json_reply(400, sf_errors("JSON_PARSER_ERROR", "compositeRequest must be a non-empty list"))
+        if not all(isinstance(sub, dict) for sub in subrequests):
+            return json_reply(400, sf_errors("JSON_PARSER_ERROR", "each subrequest must be a JSON object"))
         if len(subrequests) > MAX_COMPOSITE:
             return json_reply(400, sf_errors("LIMIT_EXCEEDED", f"Limit of {MAX_COMPOSITE} subrequests exceeded"))
+        heavy = sum(1 for sub in subrequests if _QUERY_OR_COLLECTION.match(str(sub.get("url", ""))))
+        if heavy > MAX_COMPOSITE_QUERIES:
+            return json_reply(400, sf_errors("LIMIT_EXCEEDED", (
+                f"Limit of {MAX_COMPOSITE_QUERIES} query, queryAll or sObject Collections subrequests exceeded: "
+                f"{heavy} in one composite request")))
         results, halted = [], False
         for sub in subrequests:
             ref = sub.get("referenceId")

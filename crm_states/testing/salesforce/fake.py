@@ -40,6 +40,7 @@ from .common import (
     API,
     BASE62,
     DEFAULT_EXTERNAL_IDS,
+    DEFAULT_RELATIONSHIPS,
     DEFAULT_REQUIRED,
     FAULT_CODES,
     KEY_PREFIXES,
@@ -80,6 +81,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
         external_ids: Mapping[str, Sequence[str]] = DEFAULT_EXTERNAL_IDS,
         required_fields: Mapping[str, Sequence[str]] = DEFAULT_REQUIRED,
         objects: Iterable[str] = ("Account", "Contact", "Sefaria_App_User__c", "Sefaria_App_Data__c"),
+        relationships: Mapping[str, Mapping[str, tuple[str, str]]] = DEFAULT_RELATIONSHIPS,
     ) -> None:
         faults = faults or Faults()
         super().__init__(tls=tls, faults=attrs.evolve(faults, latency=latency) if latency else faults)
@@ -95,6 +97,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
         self.soql_log: list[str] = []
         self.issued_tokens: list[str] = []
         self._external_ids = {k: tuple(v) for k, v in external_ids.items()}
+        self.relationships = {k: dict(v) for k, v in relationships.items()}
         self._data = threading.RLock()
         self._tables: dict[str, Table] = {}
         self._tokens: dict[str, int | None] = {}
@@ -107,10 +110,11 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
 
     # -- Python API for tests and benchmarks ---------------------------------------------------------
 
-    def insert(self, sobject: str, fields: Mapping[str, Any]) -> str:
-        """Seed one record (no validation, no API usage); returns its 18-character id."""
+    def insert(self, sobject: str, fields: Mapping[str, Any], *, record_id: str | None = None) -> str:
+        """Seed one record (no validation, no API usage); returns its 18-character id. ``record_id``
+        stores it under an id of the test's choosing, hostile ones included (malformed, oversized)."""
         with self._data:
-            return self._table(sobject, create=True).insert(fields)
+            return self._table(sobject, create=True).insert(fields, record_id)
 
     def insert_many(self, sobject: str, rows: Iterable[Mapping[str, Any]]) -> list[str]:
         """Seed many records at once (benchmarks seed 100k–1M ``Sefaria_App_User__c``)."""
@@ -213,7 +217,8 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
         table = self._tables.get(name.lower())
         if table is None and create:
             prefix = KEY_PREFIXES.get(name) or next(self._custom_prefixes)
-            table = self._tables[name.lower()] = Table(name, prefix, self._external_ids.get(name, ()))
+            lookups = [lookup for lookup, _ in self.relationships.get(name, {}).values()]
+            table = self._tables[name.lower()] = Table(name, prefix, self._external_ids.get(name, ()), lookups)
         return table
 
     def _token(self, request: Request, m: re.Match[str]) -> Reply:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import collections
-import itertools
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 from ..server import Reply, Request, json_reply
 from .common import MAX_SOQL_CHARS, NOT_FOUND, json_body, salesforce_id, sf_errors
-from .soql import Soql, SoqlError, parse_soql
+from .select import Selecting
+from .soql import InvalidField, SoqlError, parse_soql
 from .storage import Cursor, Table
 
 
-class RestRoutes:
+class RestRoutes(Selecting):
     """Handlers for the single-record and query endpoints; ``FakeSalesforce`` mixes them in."""
 
     _data: threading.RLock
@@ -26,9 +26,6 @@ class RestRoutes:
     page_size: int
     upsert_update_status: int
     required_fields: dict[str, tuple[str, ...]]
-
-    if TYPE_CHECKING:
-        def _table(self, name: str, *, create: bool = False) -> Table | None: ...
 
     def _missing(self, sobject: str, row: Mapping[str, Any], fields: Iterable[str]) -> Reply | None:
         required = set(self.required_fields.get(sobject, ()))
@@ -53,20 +50,6 @@ class RestRoutes:
             record_id = table.insert(fields)
         return json_reply(201, {"id": record_id, "success": True, "errors": []})
 
-    def _record_json(self, version: str, table: Table, record_id: str,
-                     fields: Sequence[str] | None = None) -> dict[str, Any]:
-        row = table.rows[record_id]
-        out: dict[str, Any] = {"attributes": {"type": table.name,
-                                              "url": f"/services/data/v{version}/sobjects/{table.name}/{record_id}"}}
-        if fields is None:
-            out["Id"] = record_id
-            out.update(row)
-        else:
-            for f in fields:
-                name = table.field(f)
-                out[name] = record_id if name.lower() == "id" else row.get(name)
-        return out
-
     def _one(self, m: re.Match[str]) -> tuple[Table, list[str]] | Reply:
         """The table and matching ids for a by-id or by-external-id path."""
         table = self._table(m["sobject"])
@@ -74,7 +57,7 @@ class RestRoutes:
             return json_reply(404, NOT_FOUND)
         if "field" in m.groupdict():
             field = table.field(m["field"])
-            if field not in table.indexes and field != "Id":
+            if field not in table.external and field != "Id":
                 return json_reply(404, sf_errors(
                     "NOT_FOUND", f"Provided external ID field does not exist or is not accessible: {m['field']}"))
             return table, table.lookup(field, unquote(m["value"]))
@@ -171,19 +154,15 @@ class RestRoutes:
             table = self._table(soql.sobject)
             if table is None:
                 return json_reply(400, sf_errors("INVALID_TYPE", f"sObject type '{soql.sobject}' is not supported."))
-            ids = list(self._select(table, soql))
+            try:
+                ids = self._select(table, soql)
+            except InvalidField as exc:
+                return json_reply(400, sf_errors("INVALID_FIELD", str(exc)))
             locator = salesforce_id("01g", next(self._cursor_serial))
             self._cursors[locator] = Cursor(m["version"], table, soql.fields, ids)
             while len(self._cursors) > 64:
                 self._cursors.popitem(last=False)
             return self._page(locator, 0)
-
-    def _select(self, table: Table, soql: Soql) -> Iterator[str]:
-        if soql.where_field is None:
-            ids: Iterable[str] = table.rows
-        else:
-            ids = dict.fromkeys(rid for v in soql.values for rid in table.lookup(soql.where_field, v))
-        return itertools.islice(ids, soql.limit)
 
     def _page(self, locator: str, offset: int) -> Reply:
         cursor = self._cursors.get(locator)

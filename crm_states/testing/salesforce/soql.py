@@ -7,8 +7,13 @@ from typing import Any
 
 import attrs
 
+
 class SoqlError(ValueError):
     """The SOQL text is outside the grammar (the fake answers 400 MALFORMED_QUERY)."""
+
+
+class InvalidField(SoqlError):
+    """A field path the org does not have (the fake answers 400 INVALID_FIELD)."""
 
 
 @attrs.frozen
@@ -19,7 +24,8 @@ class Token:
 
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", '"': '"', "'": "'", "\\": "\\"}
 _TOKEN = re.compile(r"""\s*(?:
-    (?P<ident>[A-Za-z_][A-Za-z0-9_]*) | (?P<number>-?\d+(?:\.\d+)?) | (?P<punct>[(),=]) | (?P<quote>')
+    (?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*) | (?P<number>-?\d+(?:\.\d+)?)
+    | (?P<punct>!=|[(),=]) | (?P<quote>')
 )""", re.VERBOSE)
 
 
@@ -70,13 +76,15 @@ def _read_string(text: str, pos: int) -> tuple[str, int]:
 
 @attrs.frozen
 class Soql:
-    """A parsed query: ``values`` is the literal list of ``WHERE field = lit`` / ``IN (...)``."""
+    """A parsed query: ``values`` is the literal list of ``WHERE field = lit`` / ``!= lit`` / ``IN (...)``,
+    ``op`` which of the three. A field may be a relationship path (``Contact__r.NationBuilder_Id__c``)."""
 
     fields: tuple[str, ...]
     sobject: str
     where_field: str | None = None
     values: tuple[Any, ...] = ()
     limit: int | None = None
+    op: str = "="
 
 
 NULL = object()
@@ -119,7 +127,7 @@ def parse_soql(text: str) -> Soql:
         fields.append(take("ident"))
     take("ident", "FROM")
     sobject = take("ident")
-    where_field, values, limit = None, (), None
+    where_field, values, limit, op = None, (), None, "="
     if peek_word() == "WHERE":
         pos += 1
         where_field = take("ident")
@@ -131,9 +139,10 @@ def parse_soql(text: str) -> Soql:
                 pos += 1
                 found.append(literal())
             take("punct", ")")
-            values = tuple(found)
+            values, op = tuple(found), "IN"
         else:
-            take("punct", "=")
+            op = "!=" if pos < len(tokens) and tokens[pos] == Token("punct", "!=") else "="
+            take("punct", op)
             values = (literal(),)
     if peek_word() == "LIMIT":
         pos += 1
@@ -142,7 +151,9 @@ def parse_soql(text: str) -> Soql:
             raise SoqlError("LIMIT wants a non-negative integer")
     if pos != len(tokens):
         raise SoqlError(f"unexpected {tokens[pos].value!r} after the query")
-    return Soql(tuple(fields), sobject, where_field, values, limit)
+    if "." in sobject:
+        raise SoqlError(f"unexpected {sobject!r}, wanted an sObject name")
+    return Soql(tuple(fields), sobject, where_field, values, limit, op)
 
 
 def match_key(value: Any) -> str | None:

@@ -12,13 +12,15 @@ from .common import salesforce_id, to_id18
 from .soql import match_key
 
 class Table:
-    """One sObject's records by id, with dict indexes on its external-id fields."""
+    """One sObject's records by id, with dict indexes on its external-id fields (``external``: the
+    fields an upsert or a retrieve by external id may name) and on its lookup fields (``indexed``)."""
 
-    def __init__(self, name: str, prefix: str, indexed: Iterable[str]) -> None:
+    def __init__(self, name: str, prefix: str, external: Iterable[str], indexed: Iterable[str] = ()) -> None:
         self.name = name
         self.prefix = prefix
         self.rows: dict[str, dict[str, Any]] = {}
-        self.indexes: dict[str, dict[str, str | list[str]]] = {f: {} for f in indexed}
+        self.external = frozenset(external)
+        self.indexes: dict[str, dict[str, str | list[str]]] = {f: {} for f in [*self.external, *indexed]}
         self.names: dict[str, str] = {"id": "Id", **{f.lower(): f for f in self.indexes}}
         self._spellings: dict[str, str] = {}  # as written -> canonical, so seeding skips .lower()
         self._serial = itertools.count(1)
@@ -34,8 +36,12 @@ class Table:
             canonical = self._spellings[name] = self.names.setdefault(name.lower(), name)
         return canonical
 
-    def insert(self, fields: Mapping[str, Any]) -> str:
-        record_id = salesforce_id(self.prefix, next(self._serial))
+    def insert(self, fields: Mapping[str, Any], record_id: str | None = None) -> str:
+        """Store a record; under ``record_id`` when given (any text: tests seed hostile ids)."""
+        if record_id is None:
+            record_id = salesforce_id(self.prefix, next(self._serial))
+        elif record_id in self.rows:
+            raise ValueError(f"{self.name} already has a record {record_id[:40]!r}")
         row = {self._canonical(k): v for k, v in fields.items()}
         self.rows[record_id] = row
         self._index(record_id, row)
