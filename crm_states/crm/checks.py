@@ -18,13 +18,17 @@ MAX_VALUE_CHARS = 1_000
 
 _ID_CHARS = re.compile(r"[A-Za-z0-9]+")
 _CHECKSUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+#: Capitals to "1", everything else an id holds to "0": a chunk's bits, lowest first.
+_BITS = str.maketrans({**{chr(c): "1" for c in range(65, 91)}, **{chr(c): "0" for c in range(97, 123)},
+                       **{str(d): "0" for d in range(10)}})
 
 
 def id18_suffix(id15: str) -> str:
-    """Salesforce's three checksum characters of a 15-character id (one per five characters: a bit
-    per capital letter, read as an index into A-Z0-5)."""
-    return "".join(_CHECKSUM[sum(1 << j for j, c in enumerate(id15[i:i + 5]) if "A" <= c <= "Z")]
-                   for i in range(0, 15, 5))
+    """Salesforce's three checksum characters of a 15-character id of letters and digits (one per five
+    characters: a bit per capital letter, read as an index into A-Z0-5)."""
+    bits = id15.translate(_BITS)
+    return (_CHECKSUM[int(bits[4::-1], 2)] + _CHECKSUM[int(bits[9:4:-1], 2)]
+            + _CHECKSUM[int(bits[14:9:-1], 2)])
 
 
 def record_id_problem(value: Any, prefix: str | None = None, *, what: str = "Id") -> str | None:

@@ -75,6 +75,16 @@ class CrmBadAnswer(CrmError):
     was wrong, never the value itself."""
 
 
+class CrmJobFailed(CrmError):
+    """A Salesforce Bulk API job ended ``Failed`` or ``Aborted``; ``job_id`` and the message say which
+    and why (``code`` is the state)."""
+
+    def __init__(self, message: str, *, job_id: str, state: str) -> None:
+        super().__init__(message, code=state)
+        self.job_id = job_id
+        self.state = state
+
+
 class CrmConfigError(CrmError):
     """The CRM is not configured correctly (a missing setting, an unknown CRM_TYPE)."""
 

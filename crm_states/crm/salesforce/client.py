@@ -25,6 +25,7 @@ from ..http import RetryPolicy, short
 from ..results import Matches
 from . import creates
 from .answers import record_id_of
+from .bulk import DEFAULT_PAGE_RECORDS, BulkJob, BulkPage, BulkQueries, app_users_soql
 from .queries import Lookups, query_all, single_ids
 from .schema import SalesforceSchema, language, soql_quote
 from .transport import TokenCache, Transport
@@ -218,6 +219,35 @@ class SalesforceConnectionManager(CrmConnectionManager):
         """The same lookup, in ``POST /composite`` calls even when one GET would do."""
         return single_ids(self._lookups().by_nationbuilder_ids(ids, composite=True),
                           lambda k: f"NationBuilder id {k}")
+
+    # -- Bulk API 2.0 query jobs (see bulk.py) ---------------------------------------------------------
+
+    def start_bulk_query(self, soql: str | None = None, *, all_rows: bool = False) -> BulkJob:
+        """Start a query job; by default over every app user with a NationBuilder id (``Id``, the
+        NationBuilder id path, the app email). ``all_rows`` is ``queryAll`` (deleted records too)."""
+        return BulkQueries(self._http).start(app_users_soql(self.schema) if soql is None else soql,
+                                             all_rows=all_rows)
+
+    def bulk_query_job(self, job_id: str) -> BulkJob:
+        """The job as Salesforce describes it now (one poll); an expired job is ``CrmNotFound``."""
+        return BulkQueries(self._http).status(job_id)
+
+    def wait_for_bulk_query(self, job_id: str, *, timeout: float = 3600.0) -> BulkJob:
+        """Poll with back-off until ``JobComplete``; ``CrmJobFailed`` when it failed or was aborted."""
+        return BulkQueries(self._http).wait(job_id, timeout=timeout)
+
+    def bulk_query_pages(self, job_id: str, *, locator: str | None = None, max_records: int = DEFAULT_PAGE_RECORDS,
+                         app_users: bool = True) -> Iterator[BulkPage]:
+        """A finished job's result pages from ``locator`` on, one request (and one page in memory) at a
+        time. ``app_users`` checks each row's ``Id`` against the app user key prefix too."""
+        prefix = self.schema.app_user_key_prefix if app_users else None
+        return BulkQueries(self._http).pages(job_id, locator=locator, max_records=max_records, key_prefix=prefix)
+
+    def abort_bulk_query(self, job_id: str) -> BulkJob:
+        return BulkQueries(self._http).abort(job_id)
+
+    def delete_bulk_query(self, job_id: str) -> None:
+        BulkQueries(self._http).delete(job_id)
 
     # -- helpers -----------------------------------------------------------------------------------
 

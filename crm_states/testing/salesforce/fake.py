@@ -48,12 +48,13 @@ from .common import (
     NOT_FOUND,
     sf_errors,
 )
+from .bulk import BulkRoutes
 from .composite import CompositeRoutes
 from .rest import RestRoutes
 from .storage import Cursor, Table
 
 
-class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
+class FakeSalesforce(RestRoutes, CompositeRoutes, BulkRoutes, LoopbackServer):
     """A Salesforce org on 127.0.0.1. See the module docstring for what it serves and how it chooses.
 
     Runtime knobs (plain attributes): ``client_secret`` (rotate it to refuse the next token request),
@@ -106,6 +107,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
         self._custom_prefixes = (f"a0{c}" for c in BASE62[12:])
         for name in objects:
             self._table(name, create=True)
+        self._bulk_init()
         self._add_routes()
 
     # -- Python API for tests and benchmarks ---------------------------------------------------------
@@ -198,6 +200,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, LoopbackServer):
             ("PATCH", API + obj + one, self._update, "update"),
             ("PATCH", API + obj + ext, self._upsert, "upsert"),
             ("DELETE", API + obj + one, self._delete, "delete"),
+            *self._bulk_routes(API),
         ]
         for method, pattern, handler, kind in routes:
             self.route(method, pattern, self._versioned(handler), kind=kind)

@@ -9,7 +9,7 @@ its ``Contact__c`` holds. JSON records nest the parent (``"Contact__r": {"attrib
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .soql import InvalidField, Soql, match_key
@@ -25,7 +25,8 @@ class Selecting:
         def _table(self, name: str, *, create: bool = False) -> Table | None: ...
 
     def _parent(self, table: Table, path: str) -> tuple[str, str, Table, str]:
-        """``(relationship, lookup field, parent table, parent field)`` of a one-level path."""
+        """``(relationship, lookup field, parent table, parent field)`` of a one-level path, with the
+        org's spellings."""
         relationship, _, rest = path.partition(".")
         declared = {k.lower(): (k, v) for k, v in self.relationships.get(table.name, {}).items()}
         found = declared.get(relationship.lower())
@@ -38,16 +39,31 @@ class Selecting:
         assert parent is not None
         return name, table.field(lookup_field), parent, parent.field(rest)
 
-    def _value(self, table: Table, record_id: str, row: Mapping[str, Any], path: str) -> Any:
+    def _column(self, table: Table, path: str) -> str:
+        """A selected field as the org spells it (``Contact__r.NationBuilder_Id__c``): a CSV header."""
+        if "." not in path:
+            return table.field(path)
+        relationship, _, parent, field = self._parent(table, path)
+        return f"{relationship}.{field}"
+
+    def _getter(self, table: Table, path: str) -> Callable[[str, Mapping[str, Any]], Any]:
+        """A function of ``(record id, row)`` giving the value at ``path``, resolved once (a million
+        rows are read through one)."""
         if "." not in path:
             name = table.field(path)
-            return record_id if name == "Id" else row.get(name)
+            if name == "Id":
+                return lambda record_id, row: record_id
+            return lambda record_id, row: row.get(name)
         _, lookup_field, parent, field = self._parent(table, path)
-        parent_id = row.get(lookup_field)
-        parent_row = parent.rows.get(parent_id) if isinstance(parent_id, str) else None
-        if parent_row is None:
-            return None
-        return parent_id if field == "Id" else parent_row.get(field)
+        parents = parent.rows
+
+        def through_parent(record_id: str, row: Mapping[str, Any]) -> Any:
+            parent_id = row.get(lookup_field)
+            parent_row = parents.get(parent_id) if isinstance(parent_id, str) else None
+            if parent_row is None:
+                return None
+            return parent_id if field == "Id" else parent_row.get(field)
+        return through_parent
 
     def _select(self, table: Table, soql: Soql) -> list[str]:
         """The ids ``soql`` selects, in insertion order; ``InvalidField`` for a path it cannot follow."""
@@ -59,8 +75,8 @@ class Selecting:
         if field is None:
             ids = table.rows
         elif soql.op == "!=":
-            key = match_key(soql.values[0])
-            ids = [rid for rid, row in table.rows.items() if match_key(self._value(table, rid, row, field)) != key]
+            key, value = match_key(soql.values[0]), self._getter(table, field)
+            ids = [rid for rid, row in table.rows.items() if match_key(value(rid, row)) != key]
         elif "." in field:
             _, lookup_field, parent, parent_field = self._parent(table, field)
             parents = dict.fromkeys(pid for v in soql.values for pid in parent.lookup(parent_field, v))
