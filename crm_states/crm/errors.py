@@ -52,6 +52,19 @@ class CrmOutcomeUnknown(CrmTransientError):
     within the settle window: it may or may not exist. Resuming later looks it up before creating."""
 
 
+class CrmBatchOutcomeUnknown(CrmOutcomeUnknown):
+    """A batch create went out and its answer was lost: it was not re-sent, and its records may or may
+    not exist. ``in_doubt`` lists their input positions (look them up before creating them again),
+    ``completed`` the results of the batches answered before it, ``not_sent`` the positions never sent."""
+
+    def __init__(self, message: str, *, in_doubt: tuple[int, ...], completed: tuple[object, ...] = (),
+                 not_sent: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
+        self.completed = completed
+        self.not_sent = not_sent
+
+
 class CrmLimitExceeded(CrmError):
     """The daily API allocation is spent (REQUEST_LIMIT_EXCEEDED): stop the batch, resume tomorrow."""
 

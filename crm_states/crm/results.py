@@ -54,3 +54,40 @@ class MatchesBuilder(Generic[K]):
         wanted = found if keys is None else [k for k in keys if k in found]
         return {k: Matches(k, tuple(sorted(self._ids.get(k, ()))), tuple(self._rejected.get(k, ())))  # type: ignore[arg-type]
                 for k in wanted}
+
+
+@attrs.frozen
+class NewAppUser:
+    """One app user to create in a batch (the arguments of ``add_user_to_crm``)."""
+
+    email: str
+    first_name: str
+    last_name: str
+    lang: str = "en"
+    educator: bool = False
+    external_id: str | int | None = None
+
+
+@attrs.frozen
+class RecordError:
+    """Why the CRM refused one record of a batch: its status code (``REQUIRED_FIELD_MISSING``,
+    ``DUPLICATE_VALUE``...), message and the fields concerned."""
+
+    status_code: str
+    message: str
+    fields: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RecordResult:
+    """What a batch did with the record at ``index`` of its input: made (``created``) or updated it,
+    with its id, or refused it (``error``)."""
+
+    index: int
+    id: str | None = None
+    created: bool = False
+    error: RecordError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

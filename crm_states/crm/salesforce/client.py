@@ -13,21 +13,21 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import requests
 
 from ..base import CrmConnectionManager
 from ..checks import check_record_id
-from ..errors import CrmConfigError, CrmRejected
+from ..errors import CrmBatchOutcomeUnknown, CrmConfigError, CrmRejected
 from ..http import RetryPolicy, short
-from ..results import Matches
-from . import creates
+from ..results import Matches, NewAppUser, RecordResult
+from . import creates, sobjects
 from .answers import record_id_of
 from .bulk import DEFAULT_PAGE_RECORDS, BulkJob, BulkPage, BulkQueries, app_users_soql
 from .queries import Lookups, query_all, single_ids
-from .schema import SalesforceSchema, language, soql_quote
+from .schema import MAX_COLLECTION, SalesforceSchema, language, soql_quote
 from .transport import TokenCache, Transport
 
 log = logging.getLogger("crm_states.crm")
@@ -219,6 +219,27 @@ class SalesforceConnectionManager(CrmConnectionManager):
         """The same lookup, in ``POST /composite`` calls even when one GET would do."""
         return single_ids(self._lookups().by_nationbuilder_ids(ids, composite=True),
                           lambda k: f"NationBuilder id {k}")
+
+    # -- sObject Collections (see sobjects.py) ---------------------------------------------------------
+
+    def create_app_users(self, users: Sequence[NewAppUser], *, batch_size: int = MAX_COLLECTION) -> list[RecordResult]:
+        """Create (or, with ``schema.external_id_field``, upsert) app users, ``batch_size`` (at most 200)
+        per API request; one result per user, in input order. A lost create answer raises
+        ``CrmBatchOutcomeUnknown`` (its ``completed`` holds the earlier requests' results); to keep each
+        request's results as it comes, use ``iter_create_app_users``."""
+        done: list[RecordResult] = []
+        try:
+            for batch in self.iter_create_app_users(users, batch_size=batch_size):
+                done.extend(batch)
+        except CrmBatchOutcomeUnknown as exc:
+            exc.completed = tuple(done)
+            raise
+        return done
+
+    def iter_create_app_users(self, users: Sequence[NewAppUser], *,
+                              batch_size: int = MAX_COLLECTION) -> Iterator[list[RecordResult]]:
+        """The same, one request's results at a time (the next request goes out when asked for)."""
+        return sobjects.create_batches(self._http, self.schema, list(users), batch_size=batch_size)
 
     # -- Bulk API 2.0 query jobs (see bulk.py) ---------------------------------------------------------
 

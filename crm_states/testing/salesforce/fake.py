@@ -6,8 +6,13 @@ independent client (simple-salesforce) can both be checked against it. Served:
 - ``POST /services/oauth2/token`` (client credentials, HTTP Basic or body ``client_id``/``client_secret``);
 - under ``/services/data/vNN.N`` (bearer token required, versions 20.0 up to ``api_version``):
   sObject create / retrieve (by id or external id) / update / delete / upsert by external id,
-  ``query`` and ``queryAll`` with ``nextRecordsUrl`` paging, ``composite`` (≤ 25 sub-requests),
-  ``limits``.
+  ``query`` and ``queryAll`` with ``nextRecordsUrl`` paging, ``composite`` (≤ 25 sub-requests, ≤ 5 of
+  them queries, query-more calls or collections: composite.py), sObject Collections create and upsert
+  (sobjects.py), Bulk API 2.0 query jobs (bulk.py), ``limits``. Every request under
+  ``/services/data`` is one API call.
+
+Contacts and app users are linked by the app user's ``Contact__c`` (``relationships``), and queries
+follow one level of parent relationship (``Contact__r.NationBuilder_Id__c``: select.py).
 
 Choices where Salesforce leaves room: an upsert that updates answers ``upsert_update_status`` (204 by
 default, 200 with ``created: false`` when set to 200); ``queryAll`` answers like ``query`` (deletes are
@@ -15,8 +20,9 @@ hard, there is no recycle bin); comparisons are Salesforce-like lenient: strings
 case-insensitively and a number equals its decimal text (so ``NationBuilder_Id__c`` may be seeded as
 ``123``, ``123.0`` or ``"123"``); composite ``allOrNone`` halts the sub-requests after a failure but
 does not roll back earlier writes. The SOQL understood is
-``SELECT f1, f2 FROM Obj [WHERE F = lit | F IN (lit, ...)] [LIMIT n]`` where a literal is a quoted
-string (with Salesforce's backslash escapes), a number, ``true``, ``false`` or ``null``.
+``SELECT f1, f2 FROM Obj [WHERE F = lit | F != lit | F IN (lit, ...)] [LIMIT n]`` where a field may be a
+relationship path and a literal is a quoted string (with Salesforce's backslash escapes), a number,
+``true``, ``false`` or ``null``.
 """
 
 from __future__ import annotations
@@ -51,19 +57,23 @@ from .common import (
 from .bulk import BulkRoutes
 from .composite import CompositeRoutes
 from .rest import RestRoutes
+from .sobjects import CollectionRoutes
 from .storage import Cursor, Table
 
 
-class FakeSalesforce(RestRoutes, CompositeRoutes, BulkRoutes, LoopbackServer):
+class FakeSalesforce(RestRoutes, CompositeRoutes, CollectionRoutes, BulkRoutes, LoopbackServer):
     """A Salesforce org on 127.0.0.1. See the module docstring for what it serves and how it chooses.
 
     Runtime knobs (plain attributes): ``client_secret`` (rotate it to refuse the next token request),
     ``token_call_limit`` (each token then serves that many API calls and answers 401
     INVALID_SESSION_ID after), ``daily_limit``/``api_usage`` (403 REQUEST_LIMIT_EXCEEDED once usage
-    reaches the limit), ``page_size``, ``upsert_update_status``, ``required_fields``. Recorded:
-    ``soql_log`` (every SOQL text received, composite sub-requests included), ``issued_tokens``,
-    ``counts`` (requests by kind: token, create, get, get_by_external_id, update, upsert, delete,
-    query, query_all, query_more, composite, limits, unmatched).
+    reaches the limit), ``page_size``, ``upsert_update_status``, ``required_fields``, ``unique_fields``
+    (DUPLICATE_VALUE in collections), ``bulk_polls`` / ``bulk_fail_at`` / ``bulk_fail_message`` /
+    ``bulk_page_size`` (bulk.py). Recorded: ``soql_log`` (every SOQL text received, composite
+    sub-requests included), ``issued_tokens``, ``bulk_jobs``, ``bulk_gzipped``, ``counts`` (requests by
+    kind: token, create, get, get_by_external_id, update, upsert, delete, query, query_all, query_more,
+    composite, collection_create, collection_upsert, bulk_create, bulk_poll, bulk_results, bulk_abort,
+    bulk_delete, limits, unmatched). ``insert(..., record_id=)`` seeds records under hostile ids.
     """
 
     def __init__(
@@ -83,6 +93,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, BulkRoutes, LoopbackServer):
         required_fields: Mapping[str, Sequence[str]] = DEFAULT_REQUIRED,
         objects: Iterable[str] = ("Account", "Contact", "Sefaria_App_User__c", "Sefaria_App_Data__c"),
         relationships: Mapping[str, Mapping[str, tuple[str, str]]] = DEFAULT_RELATIONSHIPS,
+        unique_fields: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         faults = faults or Faults()
         super().__init__(tls=tls, faults=attrs.evolve(faults, latency=latency) if latency else faults)
@@ -95,6 +106,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, BulkRoutes, LoopbackServer):
         self.token_call_limit = token_call_limit
         self.upsert_update_status = upsert_update_status
         self.required_fields = {k: tuple(v) for k, v in required_fields.items()}
+        self.unique_fields = {k: tuple(v) for k, v in (unique_fields or {}).items()}
         self.soql_log: list[str] = []
         self.issued_tokens: list[str] = []
         self._external_ids = {k: tuple(v) for k, v in external_ids.items()}
@@ -200,6 +212,7 @@ class FakeSalesforce(RestRoutes, CompositeRoutes, BulkRoutes, LoopbackServer):
             ("PATCH", API + obj + one, self._update, "update"),
             ("PATCH", API + obj + ext, self._upsert, "upsert"),
             ("DELETE", API + obj + one, self._delete, "delete"),
+            *self._collection_routes(API),
             *self._bulk_routes(API),
         ]
         for method, pattern, handler, kind in routes:
