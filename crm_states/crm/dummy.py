@@ -49,7 +49,8 @@ def is_dummy_id(crm_id: object) -> bool:
 
 
 class DummyConnectionManager(CrmConnectionManager):
-    """Accepts every write; refuses every read (``CrmNotSupported``), never answering "nothing"."""
+    """Accepts every write (``True``, as Sefaria's dummy answers) and refuses every read (``CrmNotSupported``):
+    it has no honest answer to a lookup, so it never answers "nothing"."""
 
     name = "none"
 
@@ -68,8 +69,8 @@ class DummyConnectionManager(CrmConnectionManager):
         key = f"external:{external_id}" if external_id is not None else f"email:{email.strip().lower()}"
         return dummy_id(key)
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
-        pass
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
+        return True
 
     def add_email_to_mailing_lists(
         self,
@@ -82,13 +83,14 @@ class DummyConnectionManager(CrmConnectionManager):
     ) -> None:
         pass
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
-        pass
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
+        return True
 
-    def mark_for_review_in_crm(self, crm_id: str) -> None:
-        pass
+    def mark_for_review_in_crm(self, crm_id: str) -> bool:
+        return True
 
-    def find_crm_id(self, email: str) -> str | None:
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        self.needs_email(email)
         raise not_supported("NONE", "find_crm_id")
 
     def get_available_lists(self) -> list[str]:
@@ -99,3 +101,8 @@ class DummyConnectionManager(CrmConnectionManager):
 
     def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
         raise not_supported("NONE", "find_app_users_by_nationbuilder_ids")
+
+    @property
+    def api_requests(self) -> int:
+        """Always 0: the dummy sends nothing."""
+        return 0

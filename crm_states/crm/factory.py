@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
+
 from .base import CrmConnectionManager
 from .dummy import DummyConnectionManager
 from .errors import CrmConfigError
@@ -50,7 +52,9 @@ def crm_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> CrmC
         keywords: dict[str, Any] = {}
         if get("SALESFORCE_API_VERSION"):
             keywords["api_version"] = get("SALESFORCE_API_VERSION").removeprefix("v")
-        return SalesforceConnectionManager(base_url, client_id, client_secret, **{**keywords, **overrides})
+        keywords = {**keywords, **overrides}
+        keywords["schema"] = _salesforce_schema(keywords.get("schema"), get)
+        return SalesforceConnectionManager(base_url, client_id, client_secret, **keywords)
     if crm_type == "NATIONBUILDER":
         (token,) = require(crm_type, "NATIONBUILDER_TOKEN")
         keywords = {"base_url": get("NATIONBUILDER_BASE_URL") or None, **overrides}
@@ -119,3 +123,23 @@ class LazyCrm:
 
 
 CrmConnectionManager.register(LazyCrm)  # isinstance holds: it stands for the CRM it builds
+
+
+#: Schema settings read from the environment: variable -> ``SalesforceSchema`` field.
+SALESFORCE_SCHEMA_SETTINGS = {
+    "SALESFORCE_NATIONBUILDER_ID_FIELD": "nationbuilder_id_field",  # e.g. Contact__r.NationBuilder_Id__c
+    "SALESFORCE_APP_USER_KEY_PREFIX": "app_user_key_prefix",  # the first 3 characters of app user ids
+}
+
+
+def _salesforce_schema(given: Any, get: Callable[[str], str]) -> Any:
+    """The schema an override gave (or the default), refined by the schema settings that are set."""
+    from .salesforce import SalesforceSchema
+
+    schema = given if given is not None else SalesforceSchema()
+    changes = {field: get(name) for name, field in SALESFORCE_SCHEMA_SETTINGS.items() if get(name)}
+    try:
+        return attrs.evolve(schema, **changes)
+    except ValueError:
+        names = ", ".join(name for name, field in SALESFORCE_SCHEMA_SETTINGS.items() if field in changes)
+        raise CrmConfigError(f"{names}: not a Salesforce field path or key prefix (see SalesforceSchema)") from None

@@ -87,8 +87,9 @@ class LogConnectionManager(CrmConnectionManager):
         })
         return PENDING_PREFIX + entry_id
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
         self._append("change_user_email", {"crm_id": crm_id, "new_email": new_email})
+        return True
 
     def add_email_to_mailing_lists(
         self,
@@ -104,13 +105,21 @@ class LogConnectionManager(CrmConnectionManager):
             "last_name": last_name, "lang": lang, "educator": bool(educator),
         })
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
         self._append("mark_as_spam_in_crm", {"crm_id": crm_id})
+        return True
 
-    def mark_for_review_in_crm(self, crm_id: str) -> None:
+    def mark_for_review_in_crm(self, crm_id: str) -> bool:
         self._append("mark_for_review_in_crm", {"crm_id": crm_id})
+        return True
 
-    def find_crm_id(self, email: str) -> str | None:
+    @property
+    def api_requests(self) -> int:
+        """Always 0: the log sends nothing (``load_log`` later sends through the real CRM's client)."""
+        return 0
+
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        self.needs_email(email)
         raise _no_reads("find_crm_id")
 
     def get_sustainers(self) -> Iterator[str]:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import requests
 
-from crm_states.crm.dummy import DUMMY_ID_PREFIX, DummyConnectionManager, dummy_id, is_dummy_id
+from crm_states.crm.dummy import (
+    DUMMY_ID_PREFIX,
+    DummyConnectionManager,
+    dummy_id,
+    is_dummy_id,
+)
 from crm_states.crm.errors import CrmNotSupported
 
 
@@ -31,10 +36,12 @@ def test_real_ids_and_sefarias_true_are_not_dummy_ids() -> None:
 def test_writes_do_nothing() -> None:
     crm = DummyConnectionManager()
     crm_id = crm.add_user_to_crm("a@example.org", "A", "L")
-    assert crm.change_user_email(crm_id, "b@example.org") is None
+    assert crm.change_user_email(crm_id, "b@example.org") is True  # Sefaria's truthy answers
     assert crm.add_email_to_mailing_lists("a@example.org", ["L1"]) is None
-    assert crm.mark_as_spam_in_crm(crm_id) is None and crm.mark_for_review_in_crm(crm_id) is None
+    assert crm.subscribe_to_lists("a@example.org", mailing_lists=["L1"]) is True
+    assert crm.mark_as_spam_in_crm(crm_id) is True and crm.mark_for_review_in_crm(crm_id) is True
     assert isinstance(crm.get_connection(), requests.Session) and crm.name == "none"
+    assert crm.api_requests == 0
 
 
 READS = {
@@ -53,3 +60,12 @@ def test_reads_are_refused_never_answered_empty(method: str) -> None:
         read(DummyConnectionManager())
     assert caught.value.needs == needs and method in str(caught.value)
     assert str(caught.value).startswith("CRM_TYPE=NONE cannot answer reads")
+
+
+def test_the_batched_lookups_have_no_honest_nothing() -> None:
+    crm = DummyConnectionManager()
+    for call in (lambda: crm.lookup_app_users_by_nationbuilder_ids([1]),
+                 lambda: crm.lookup_app_users_by_emails(["a@example.org"])):
+        with pytest.raises(CrmNotSupported, match="CRM_TYPE=SALESFORCE") as caught:
+            call()
+        assert caught.value.needs == ("SALESFORCE",)
