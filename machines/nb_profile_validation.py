@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from crm_states.crm import CrmConnectionManager
+from crm_states.crm.results import Matches
 from crm_states.engine import Act, Outcome, Run, StateMachine, Write, describe, each
 from crm_states.records import Position, ProfileWrite, crm_log_line
 
@@ -61,29 +62,52 @@ def validated_for(profile: Mapping[str, Any], position: Position) -> bool:
 
 
 def request_contact(runs: Sequence[Run], crm: CrmConnectionManager) -> list[Outcome]:
-    """One batched lookup for every run; a failed request sends the whole batch to UnexpectedResponse."""
+    """One batched lookup for every run; a failed request sends the whole batch to UnexpectedResponse.
+
+    An answer is taken only when it is one clean App User id: several App Users for one NationBuilder id,
+    or a record the client refused (not a Salesforce id, an oversized value), is UnexpectedResponse with a
+    detail naming the candidates (the operator's CSV shows them), never a silent pick."""
     known = {id(run): app_user for run in runs if (app_user := journaled_app_user_id(run))}
     ask = sorted({run.detail["nationbuilder_id"] for run in runs if id(run) not in known})
-    found: dict[int, str] = {}
+    found: dict[int, Matches] = {}
     failure = None
     if ask:
         try:
-            found = dict(crm.find_app_users_by_nationbuilder_ids(ask))
+            found = dict(crm.lookup_app_users_by_nationbuilder_ids(ask))
         except Exception as exc:
             failure = crm_failure(exc)
     outcomes = []
     for run in runs:
         base = {"nationbuilder_id": run.detail["nationbuilder_id"], "input": run.detail.get("input")}
-        nb = base["nationbuilder_id"]
+        matches = found.get(base["nationbuilder_id"])
         if id(run) in known:
             outcomes.append(Outcome("OkResponse", {**base, "app_user_id": known[id(run)], "source": "journal"}))
         elif failure is not None:
             outcomes.append(Outcome("UnexpectedResponse", {**base, **failure}))
-        elif nb in found:
-            outcomes.append(Outcome("OkResponse", {**base, "status": 200, "app_user_id": found[nb]}))
-        else:
+        elif matches is None:
             outcomes.append(Outcome("NotFound", {**base, "status": 404}))
+        elif matches.single is not None:
+            outcomes.append(Outcome("OkResponse", {**base, "status": 200, "app_user_id": matches.single}))
+        else:
+            outcomes.append(Outcome("UnexpectedResponse", {**base, **unclear(matches)}))
     return outcomes
+
+
+#: How many candidate ids an unclear answer's detail lists (the rest are counted).
+SHOWN_CANDIDATES = 10
+
+
+def unclear(matches: Matches) -> dict[str, Any]:
+    """The detail of an answer that is not one clean App User: the candidates, and what was refused."""
+    parts = []
+    if len(matches.ids) > 1:
+        shown = ", ".join(matches.ids[:SHOWN_CANDIDATES])
+        more = f" and {len(matches.ids) - SHOWN_CANDIDATES} more" if len(matches.ids) > SHOWN_CANDIDATES else ""
+        parts.append(f"{len(matches.ids)} App Users hold NationBuilder id {matches.key}: {shown}{more}")
+    if matches.rejected:
+        parts.append(f"{len(matches.rejected)} records refused: {'; '.join(matches.rejected[:3])}")
+    return {"error": "; ".join(parts)[:300], "candidates": list(matches.ids[:SHOWN_CANDIDATES]),
+            "status": 300 if len(matches.ids) > 1 else 200}
 
 
 def _guarded(run: Run, **write: Any) -> ProfileWrite:

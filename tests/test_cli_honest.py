@@ -90,7 +90,7 @@ def test_crm_type_none_never_lands_a_profile_in_a_lookup_verdict(db, env, fake: 
     halted = cli(none, "resume", "--machine", nb.NAME, "--state", "DbWriteNotFoundErrorLogged")
     assert halted.returncode == 2, halted.stdout + halted.stderr
     line = one_line(halted)
-    assert "CRM_TYPE=NONE cannot answer reads (find_app_users_by_nationbuilder_ids)" in line
+    assert "CRM_TYPE=NONE cannot answer reads (lookup_app_users_by_nationbuilder_ids)" in line
     assert "it needs CRM_TYPE=SALESFORCE" in line and "5 in DbWriteNotFoundErrorLogged" in line
     assert nb_states(env) == {"WroteUnexpectedResponse": 40, "DbWriteNotFoundErrorLogged": 5}
     assert not_found_lines(db) == 0

@@ -82,7 +82,7 @@ def test_batch_validation_uses_one_crm_lookup(app: CrmStates, db, crm: InMemoryC
     for i in range(1, 51, 2):
         crm.add_app_user(nationbuilder_id=1000 + i)
     results = app.validate_profiles(list(db.profiles.find()))
-    assert [c[0] for c in crm.calls] == ["find_app_users_by_nationbuilder_ids"]
+    assert [c[0] for c in crm.calls] == ["lookup_app_users_by_nationbuilder_ids"]
     assert {r.state for r in results[0::2]} == {"WroteSalesforceAppUserUid"}
     assert {r.state for r in results[1::2]} == {"WroteNotFound"}
     assert app.store.count_by_state(nb.NAME) == {"WroteSalesforceAppUserUid": 25, "WroteNotFound": 25}
