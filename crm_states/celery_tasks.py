@@ -1,13 +1,15 @@
 """Celery tasks for Sefaria's workers (the optional extra ``crm_states[celery]``).
 
-Three tasks call exactly what the command line and Sefaria's hooks call:
+Four tasks call exactly what the command line and Sefaria's hooks call:
 
 - ``crm_states.run_signup(user_id, ...)``: ``CrmStates.run_signup`` (``crm-states signup``);
 - ``crm_states.validate_chunk(profile_ids=[...] | id_range=[lo, hi])``: the batch runner's per-chunk
   step (``ValidationRunner.validate_chunk``) for the chunk's pending profiles: one batched CRM lookup
   and bulk writes, as ``crm-states validate-nb`` does for each of its ranges;
 - ``crm_states.sync_sustainers(force=False, ...)``: ``crm_states.sustainers.sync_sustainers``
-  (``crm-states sync-sustainers``).
+  (``crm-states sync-sustainers``);
+- ``crm_states.heal(machine=None, dry_run=False)``: ``CrmStates.heal`` (``crm-states heal``), for Celery beat
+  every few minutes: Sefaria's profile saves erase machine data at any time.
 
 Arguments and results are JSON: ids, flags, and a summary with the state, the outcome and per-state
 counts. Every task builds its ``CrmStates`` with ``CrmStates.from_env``, as the commands do: ``MONGO_URL``
@@ -43,7 +45,7 @@ from celery import Celery, Task
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
-from .api import CrmStates
+from .api import MACHINES, CrmStates
 from .crm.errors import CrmLimitExceeded, CrmTransientError
 from .engine import RunResult
 from .records import Position
@@ -62,11 +64,12 @@ _CRM_FAILURE_STATE = {nb.NAME: "WroteUnexpectedResponse", signup.NAME: "WroteSal
 
 
 class CrmTasks(NamedTuple):
-    """The three tasks as registered on one app."""
+    """The tasks as registered on one app."""
 
     run_signup: Task
     validate_chunk: Task
     sync_sustainers: Task
+    heal: Task
 
 
 # --- the CrmStates of a worker process ------------------------------------------------------------------
@@ -139,10 +142,22 @@ def register_tasks(app: Celery, *, open_states: Callable[[], CrmStates] | None =
         return _sync_sustainers(task, states(), force=force, dry_run=dry_run, max_demote_share=max_demote_share,
                                 batch_size=batch_size)
 
+    def heal_task(task: Task, machine: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """``crm-states heal``: write back the machine data Sefaria's profile saves erased (no CRM call);
+        meant for Celery beat every few minutes."""
+        report = states().heal(machine, dry_run=dry_run)
+        names = [machine] if machine else list(MACHINES)
+        return {"dry_run": dry_run, "checked": report.checked, "drifted_profiles": report.drifted_profiles,
+                "healed_profiles": report.healed_profiles,
+                "machines": {name: {"drifted": report.drifted[name], "healed": report.healed[name],
+                                    "waiting": report.waiting[name], "stale_inputs": report.stale_inputs[name]}
+                             for name in names}}
+
     return CrmTasks(
         run_signup=app.task(name="crm_states.run_signup", **options)(run_signup_task),
         validate_chunk=app.task(name="crm_states.validate_chunk", **options)(validate_chunk_task),
         sync_sustainers=app.task(name="crm_states.sync_sustainers", **options)(sync_sustainers_task),
+        heal=app.task(name="crm_states.heal", **{**options, "autoretry_for": ()})(heal_task),
     )
 
 
@@ -310,4 +325,4 @@ def _sync_report(report: SyncReport) -> dict[str, Any]:
 
 #: The default app, for ``celery -A crm_states.celery_tasks worker``; building it connects to nothing.
 app = make_app()
-run_signup, validate_chunk, sync_sustainers = register_tasks(app)
+run_signup, validate_chunk, sync_sustainers, heal = register_tasks(app)

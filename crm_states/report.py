@@ -27,7 +27,7 @@ from pymongo.database import Database
 from .api import MACHINES
 from .engine import StateMachine
 from .records import iso
-from .store import Store
+from .store import Store, heal
 
 # --- kinds of states --------------------------------------------------------------------------------
 FINAL = "final"  # the diagram's happy end (an edge to [*])
@@ -212,7 +212,14 @@ def collect(db: Database, machines: Iterable[str] | None = None) -> dict[str, li
 TEXT_HEADER = f"  {'state':<30} {'count':>8}  {'kind':<14}  since (oldest .. newest entry)"
 
 
-def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
+def drift_counts(db: Database, machines: Iterable[str] | None = None) -> dict[str, int]:
+    """Per machine, the profiles whose data drifted (``crm-states heal --dry-run``: a read)."""
+    names = list(machines) if machines is not None else list(MACHINES)
+    report = heal(Store(db), list(MACHINES), only=names, dry_run=True)
+    return {name: report.drifted[name] for name in names}
+
+
+def write_text(data: Mapping[str, list[StateRow]], out: TextIO, drift: Mapping[str, int] | None = None) -> None:
     for name, rows in data.items():
         total = sum(r.count for r in rows)
         print(f"{name} ({total} profiles)", file=out)
@@ -224,6 +231,9 @@ def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
             if r.note:
                 print(textwrap.fill(r.note, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6,
                                     break_on_hyphens=False, break_long_words=False), file=out)
+        if drift is not None and name in drift:
+            print(f"  drift: {drift[name]} profiles whose data Sefaria's profile saves erased"
+                  + (" (`crm-states heal` writes it back)" if drift[name] else ""), file=out)
         if name in MACHINE_NOTES:
             print(f"  NOTE: {MACHINE_NOTES[name]}", file=out)
 
@@ -231,7 +241,7 @@ def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
 def print_counts(db: Database, out: TextIO) -> None:
     """Per machine, every diagram state with its count, kind, entry times and handling note (the demo's
     closing table and the default ``crm-states report``)."""
-    write_text(collect(db), out)
+    write_text(collect(db), out, drift_counts(db))
 
 
 def write_json(data: Mapping[str, list[StateRow]], out: TextIO) -> None:

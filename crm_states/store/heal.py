@@ -34,10 +34,14 @@ DEFAULT_BATCH = 1000
 
 @attrs.define
 class HealReport:
-    """Per machine: profiles whose data drifted, and those written back (0 in a dry run)."""
+    """What one pass found: profiles checked, drifted and written back (0 in a dry run), in all and per
+    machine (a profile can drift in several machines' data); per machine also the profiles waiting for
+    Sefaria to create them and those whose inputs changed since their run."""
 
     dry_run: bool = False
     checked: int = 0
+    drifted_profiles: int = 0
+    healed_profiles: int = 0
     drifted: Counter[str] = attrs.field(factory=Counter)
     healed: Counter[str] = attrs.field(factory=Counter)
     waiting: Counter[str] = attrs.field(factory=Counter)
@@ -45,9 +49,7 @@ class HealReport:
 
     @property
     def total_drifted(self) -> int:
-        return len(self._drifted_profiles)
-
-    _drifted_profiles: set[int] = attrs.field(factory=set, repr=False)
+        return self.drifted_profiles
 
 
 def heal(store: Store, machines: Sequence[str], *, only: Iterable[str] | None = None, dry_run: bool = False,
@@ -111,7 +113,7 @@ def _heal_batch(store: Store, batch: Sequence[tuple[int, Mapping[str, ProfileDat
         drifted &= counted
         if not drifted:
             continue
-        report._drifted_profiles.add(profile_id)
+        report.drifted_profiles += 1
         for machine in drifted:
             report.drifted[machine] += 1
         update: dict[str, Any] = {}
@@ -129,6 +131,7 @@ def _heal_batch(store: Store, batch: Sequence[tuple[int, Mapping[str, ProfileDat
         return
     try:
         bulk_update(store.profiles, fixes)
+        report.healed_profiles += len(fixes)
         if pulls:
             bulk_update(store.profiles, pulls)
     except PyMongoError as exc:
