@@ -23,7 +23,7 @@ from machines import change_email, mailing_list_signup, mark_as_spam, new_user_s
 from . import sustainers
 from .crm.base import CrmConnectionManager
 from .crm.factory import crm_from_env
-from .engine import Engine, RunResult, StateMachine
+from .engine import CLAIM_SECONDS, Engine, RunResult, StateMachine
 from .journal import Journal
 from .records import Position, Transition, utcnow
 from .store import HealReport, ProfileNotFound, Store, heal
@@ -54,6 +54,20 @@ def machine(name: str) -> StateMachine:
         return MACHINES[name]
     except KeyError:
         raise ValueError(f"unknown machine {name!r}; known: {', '.join(sorted(MACHINES))}") from None
+
+
+def _seconds_setting(name: str, default: float, *, zero: bool = False) -> float:
+    """A positive (or, with ``zero``, non-negative) finite number of seconds from the environment."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")) or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a number of seconds {'>= 0' if zero else 'above 0'}, got {text[:40]!r}")
+    return value
 
 
 def connect(mongo_url: str | None = None, db_name: str | None = None, **client_options: Any) -> Database:
@@ -87,6 +101,7 @@ class CrmStates:
     journal: Journal = attrs.field(factory=Journal)
     clock: Any = utcnow
     claim_wait: float = 5.0
+    claim_seconds: float = CLAIM_SECONDS
 
     @classmethod
     def open(cls, db: Database, crm: CrmConnectionManager, *, journal_path: str | None = None,
@@ -102,14 +117,20 @@ class CrmStates:
         """The ``CrmStates`` the ``crm-states`` commands and the Celery tasks build from the environment:
         the CRM of ``CRM_TYPE`` and Sefaria's CRM settings (``CrmConfigError`` naming a missing one), the
         database ``db`` or else ``MONGO_URL``/``MONGO_DB`` (``connect``), and the journal file of
-        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree.
+        ``CRM_STATES_JOURNAL``, else ``journal_path``; ``CRM_STATES_CLAIM_SECONDS`` and
+        ``CRM_STATES_CLAIM_WAIT`` set how long a write-ahead claim lasts and how long a call waits for another
+        live driver's outcome. One function, so a worker and a shell agree.
         ``crm`` replaces the CRM of ``CRM_TYPE`` (the commands pass a ``LazyCrm``, built on first use)."""
         crm = crm_from_env() if crm is None else crm
         journal = os.environ.get("CRM_STATES_JOURNAL") or journal_path
-        return cls.open(connect() if db is None else db, crm, journal_path=journal)
+        states = cls.open(connect() if db is None else db, crm, journal_path=journal)
+        states.claim_seconds = _seconds_setting("CRM_STATES_CLAIM_SECONDS", states.claim_seconds)
+        states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True)
+        return states
 
     def engine(self, name: str) -> Engine:
-        return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock)
+        return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock,
+                      claim_seconds=self.claim_seconds)
 
     # --- reads: the stable public read API (a read never writes) -----------------------------------
     def position(self, profile_id: int, machine_name: str) -> Position | None:
@@ -155,8 +176,10 @@ class CrmStates:
             profile = {"id": profile_id}
         engine = self.engine(name)
         result = engine.drive([engine.prepare(profile, restart=restart, inputs=inputs)])[0]
+        if result.outcome == "conflict":  # another driver moved it first: go on from where it stands now
+            result = engine.drive([engine.prepare(profile, inputs=inputs)])[0]
         if result.outcome == "claimed" and self._waited_for_holder(name, profile_id):
-            result = engine.drive([engine.prepare(profile, restart=restart, inputs=inputs)])[0]
+            result = engine.drive([engine.prepare(profile, inputs=inputs)])[0]
         return result
 
     def _waited_for_holder(self, name: str, profile_id: int) -> bool:

@@ -106,10 +106,10 @@ class DummyConnectionManager(CrmConnectionManager):
         raise not_supported("NONE", "find_app_users_by_nationbuilder_ids")
 
     def lookup_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> dict[int, Matches]:
-        raise not_supported("NONE", "lookup_app_users_by_nationbuilder_ids")
+        raise not_supported(self.name.upper(), "lookup_app_users_by_nationbuilder_ids")
 
     def lookup_app_users_by_emails(self, emails: Iterable[str]) -> dict[str, Matches]:
-        raise not_supported("NONE", "lookup_app_users_by_emails")
+        raise not_supported(self.name.upper(), "lookup_app_users_by_emails")
 
     @property
     def api_requests(self) -> int:
