@@ -69,7 +69,11 @@ def test_page_and_exposition_equal_report_json(seeded, tmp_path: Path) -> None:
                 assert ages[(machine, state)] == pytest.approx(generated - oldest, abs=0.01)
             else:
                 assert (machine, state) not in ages
-    assert "crm_states_drift_profiles" not in samples  # drift is shown only when heal measured it
+    # Drift is what `crm-states heal --dry-run` measures, in the page and in the exposition alike.
+    healed = json.loads(cli(env, "heal", "--dry-run", "--json").stdout)
+    assert {s.labels["machine"]: s.value for s in samples["crm_states_drift_profiles"]} == {
+        m: figures["drifted"] for m, figures in healed.items()}
+    assert "profiles whose data drifted" in page.read_text(encoding="utf-8")
     assert html.stdout == f"report of 6 machines ({sum(map(sum, (s.values() for s in EXPECTED.values())))} " \
                           f"profiles) written to {page}\n"
 
