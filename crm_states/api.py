@@ -176,9 +176,11 @@ class CrmStates:
             profile = {"id": profile_id}
         engine = self.engine(name)
         result = engine.drive([engine.prepare(profile, restart=restart, inputs=inputs)])[0]
-        if result.outcome == "conflict":  # another driver moved it first: go on from where it stands now
-            result = engine.drive([engine.prepare(profile, inputs=inputs)])[0]
-        if result.outcome == "claimed" and self._waited_for_holder(name, profile_id):
+        for _ in range(3):  # another driver moved it, or holds it: go on from where it stands, or adopt its end
+            if result.outcome == "claimed" and not self._waited_for_holder(name, profile_id):
+                break
+            if result.outcome not in ("conflict", "claimed"):
+                break
             result = engine.drive([engine.prepare(profile, inputs=inputs)])[0]
         return result
 
