@@ -20,10 +20,12 @@ from .api import MACHINES, CrmStates
 from .crm.http import RetryPolicy
 from .crm.salesforce import SalesforceConnectionManager, SalesforceSchema, TokenCache
 from .journal import replay_file
+from .leases import LEASES
 from .records import START
 from .report import print_counts
-from .testing.salesforce import FakeSalesforce
 from .runner import Progress, RunnerConfig, ValidationRunner
+from .store import POSITIONS
+from .testing.salesforce import FakeSalesforce
 from .testing.server import Fault, Faults
 
 MARKER = "crm_states_demo"
@@ -43,7 +45,7 @@ def reset(db: Database) -> None:
     if db.profiles.estimated_document_count() and db[MARKER].estimated_document_count() == 0:
         raise DemoRefused(f"database {db.name!r} has profiles that the demo did not create; "
                           "point --db at an empty database")
-    for name in ("profiles", "crm_transitions", MARKER):
+    for name in ("profiles", POSITIONS, LEASES, MARKER):
         db.drop_collection(name)
     db[MARKER].insert_one({"created": True})
 
@@ -63,11 +65,12 @@ def synthetic_profiles(count: int, rng: random.Random) -> list[dict[str, Any]]:
 
 
 def _outage(db: Database, on: bool) -> bool:
-    """A database outage through a fail point: after the next insert, every insert fails."""
+    """A database outage through a fail point: after the next write (the batch's write-ahead commit),
+    every write fails, until it is turned off."""
     try:
         if on:
             db.client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                                     "data": {"failCommands": ["insert"], "errorCode": 6,
+                                     "data": {"failCommands": ["update"], "errorCode": 6,
                                               "errmsg": "demo: database outage"}})
         else:
             db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
@@ -149,7 +152,7 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
                 fake.inject(Fault.error(503), times=4, kind="upsert")  # one signup fails past the retry budget
             outage = index == min(1, len(batches) - 1) and _outage(db, True)
             try:
-                bar.update(engine.drive([engine.prepare(doc) for doc in batch]))
+                bar.update(engine.drive(engine.prepare_all(batch)))
             finally:
                 if outage:
                     _outage(db, False)
@@ -176,10 +179,11 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
 
 def _print_paths(app: CrmStates, docs: list[dict[str, Any]], out: TextIO) -> None:
     """Each profile's path when there are few, else each distinct path with how many took it. Paths come
-    from one pass over the transitions (the demo's own, small database), not a walk per profile."""
+    from one pass over the positions and their histories (the demo's own, small database)."""
     steps: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for t in app.store.transitions.find({}, {"_id": 0, "profile_id": 1, "machine": 1, "seq": 1, "dest": 1}):
-        steps.setdefault((t["machine"], t["profile_id"]), []).append((t["seq"], t["dest"]))
+    for doc in app.store.positions.find({}, {"_id": 0, "profile_id": 1, "machine": 1, "history.seq": 1,
+                                             "history.dest": 1}):
+        steps[(doc["machine"], doc["profile_id"])] = [(t["seq"], t["dest"]) for t in doc.get("history") or ()]
     paths: Counter[tuple[str, str]] = Counter()
     lines = []
     for doc in docs:

@@ -86,7 +86,7 @@ def seed(db: Database, fake: FakeSalesforce, tmp_path: Path, *, runner: bool = F
     for uid in users[:4]:
         app.run_signup(uid)
     for uid in users[4:6]:  # Salesforce creates the app user, the write of its id is refused
-        flaky = CrmStates.open(FlakyDatabase(db, WritePlan({("crm_transitions", "insert", 2)})), crm,
+        flaky = CrmStates.open(FlakyDatabase(db, WritePlan({("profiles", "update", 1)})), crm,
                                journal_path=journal)
         flaky.run_signup(uid)
     fake.inject(Fault.error(400, body=b'[{"errorCode": "INVALID_EMAIL_ADDRESS", "message": "bad email"}]'),

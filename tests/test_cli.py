@@ -80,13 +80,13 @@ def test_validate_then_resume_after_salesforce_recovers(db, env, fake: FakeSales
 
 def test_db_failure_replay_and_resume_never_create_twice(db, env, fake: FakeSalesforce, tmp_path: Path,
                                                           failpoint_mongo) -> None:
-    """The database fails every insert after the write-ahead commit: the created app user's id is
+    """The database fails every write after the write-ahead commit: the created app user's id is
     journaled; replay writes it, resume finishes the run, and Salesforce holds one app user."""
     client, url = failpoint_mongo
     env = {**env, "MONGO_URL": url, "MONGO_DB": "cli"}
     client.cli.profiles.insert_one({"id": 9, "email": "journal@example.org"})
     client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                          "data": {"failCommands": ["insert"], "errorCode": 6}})
+                          "data": {"failCommands": ["update"], "errorCode": 6}})
     run = cli(env, "signup", "--user-id", "9")
     client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     assert run.returncode == 1 and "LoggedDbFailure" in run.stdout

@@ -13,6 +13,7 @@ import pytest
 from crm_states.api import CrmStates
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, JournalEntry
+from crm_states.store import POSITIONS
 from crm_states.records import ProfileWrite
 from crm_states.store import Store
 from crm_states.testing import FakeSalesforce, Fault
@@ -57,7 +58,7 @@ def db_failures(db, tmp_path: Path, *, found: bool, ids: range) -> None:
     if found:
         for i in ids:
             crm.add_app_user(nationbuilder_id=5000 + i)
-    flaky = FlakyDatabase(db, WritePlan({("crm_transitions", "insert", 1)}))
+    flaky = FlakyDatabase(db, WritePlan({("profiles", "update", 1)}))
     app = CrmStates(store=Store(flaky), crm=crm, journal=Journal(tmp_path / "setup-journal.jsonl"))
     expected = "DbWriteOkErrorLogged" if found else "DbWriteNotFoundErrorLogged"
     assert {r.state for r in app.validate_profiles(list(db.profiles.find({"id": {"$in": list(ids)}})))} == {expected}
@@ -81,7 +82,7 @@ def test_crm_type_none_never_lands_a_profile_in_a_lookup_verdict(db, env, fake: 
     db.profiles.insert_many([{"id": i, "nationbuilder_id": 900 + i} for i in range(100, 110)])
     validated = cli(none, "validate-nb")
     assert validated.returncode == 2 and "validate-nb needs CRM_TYPE=SALESFORCE" in one_line(validated)
-    assert db.crm_transitions.count_documents({"profile_id": {"$gte": 100}}) == 0
+    assert db[POSITIONS].count_documents({"profile_id": {"$gte": 100}}) == 0
 
     # A DB-failure state is resumed without a CRM where its journal holds the answer; this one needs a new
     # lookup, which the dummy refuses: the batch halts and the profiles stay where they were.
@@ -89,7 +90,7 @@ def test_crm_type_none_never_lands_a_profile_in_a_lookup_verdict(db, env, fake: 
     halted = cli(none, "resume", "--machine", nb.NAME, "--state", "DbWriteNotFoundErrorLogged")
     assert halted.returncode == 2, halted.stdout + halted.stderr
     line = one_line(halted)
-    assert "CRM_TYPE=NONE cannot answer reads (find_app_users_by_nationbuilder_ids)" in line
+    assert "CRM_TYPE=NONE cannot answer reads (lookup_app_users_by_nationbuilder_ids)" in line
     assert "it needs CRM_TYPE=SALESFORCE" in line and "5 in DbWriteNotFoundErrorLogged" in line
     assert nb_states(env) == {"WroteUnexpectedResponse": 40, "DbWriteNotFoundErrorLogged": 5}
     assert not_found_lines(db) == 0
@@ -274,7 +275,7 @@ def test_replay_says_what_it_restored_and_what_resume_is_for(db, env, fake: Fake
     env = {**env, "MONGO_URL": url, "MONGO_DB": "cli"}
     client.cli.profiles.insert_one({"id": 9, "email": "journal@example.org"})
     client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                          "data": {"failCommands": ["insert"], "errorCode": 6}})
+                          "data": {"failCommands": ["update"], "errorCode": 6}})
     assert cli(env, "signup", "--user-id", "9").returncode == 1
     client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     replayed = cli(env, "replay", env["CRM_STATES_JOURNAL"])

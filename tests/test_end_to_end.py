@@ -13,6 +13,7 @@ import pytest
 from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager, SalesforceSchema
 from crm_states.crm.salesforce import TokenCache
+from crm_states.store import POSITIONS
 from crm_states.testing import Fault, FakeSalesforce
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
@@ -69,7 +70,7 @@ def test_the_api_limit_halts_the_batch_and_a_later_run_finishes(db, fake: FakeSa
     assert {r.outcome for r in results} == {"halted"}
     assert "API limit" in results[0].error
     # A lookup is a read: its transitions are committed with its outcome, so nothing half-done remains.
-    assert app.store.count_by_state(nb.NAME) == {} and db.crm_transitions.count_documents({}) == 0
+    assert app.store.count_by_state(nb.NAME) == {} and db[POSITIONS].count_documents({}) == 0
     fake.daily_limit = 100_000
     assert {r.state for r in app.validate_profiles(list(db.profiles.find()))} == {"WroteNotFound"}
     for pid in (1, 2, 3):

@@ -14,6 +14,7 @@ import pytest
 
 from crm_states.journal import read_entries
 from crm_states.logs import FIELDS, fields
+from crm_states.store import Store
 from crm_states.testing import FakeSalesforce
 from tests.operator_seed import FAST, JOURNALED, SIGNUP, json_logs, seed
 
@@ -37,7 +38,7 @@ def test_retries_and_journal_entries_are_json_with_their_fields(db, tmp_path: Pa
         "outcome": "retried", "error_class": "CrmTransientError", "attempt": 1, "wait_seconds": 0.0}
 
     journaled = [line for line in lines if line.get("outcome") == "journaled"]
-    signups = sorted(p["id"] for p in db.profiles.find({f"crm_state.{SIGNUP}.state": "LoggedDbFailure"}))
+    signups = sorted(row["id"] for row in Store(db).in_state(SIGNUP, "LoggedDbFailure"))
     assert len(journaled) == JOURNALED and sorted(line["profile_id"] for line in journaled) == signups
     assert {(line["machine"], line["state"], line["level"], line["kind"]) for line in journaled} == \
         {(SIGNUP, "LoggedDbFailure", "error", "journal")}

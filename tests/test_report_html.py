@@ -21,7 +21,7 @@ from crm_states import report
 from crm_states.diagram_svg import node_id
 from crm_states.report_html import database_label, write_html
 from crm_states.report_prometheus import exposition
-from crm_states.store import state_field
+from crm_states.store import POSITIONS, Store
 from crm_states.testing import FakeSalesforce
 from tests.operator_seed import EXPECTED, NB, SIGNUP, PageFigures, seed
 from tests.reliability.checks import cli, cli_command, cli_env
@@ -69,7 +69,11 @@ def test_page_and_exposition_equal_report_json(seeded, tmp_path: Path) -> None:
                 assert ages[(machine, state)] == pytest.approx(generated - oldest, abs=0.01)
             else:
                 assert (machine, state) not in ages
-    assert "crm_states_drift_profiles" not in samples  # drift is shown only when heal measured it
+    # Drift is what `crm-states heal --dry-run` measures, in the page and in the exposition alike.
+    healed = json.loads(cli(env, "heal", "--dry-run", "--json").stdout)
+    assert {s.labels["machine"]: s.value for s in samples["crm_states_drift_profiles"]} == {
+        m: figures["drifted"] for m, figures in healed.items()}
+    assert "profiles whose data drifted" in page.read_text(encoding="utf-8")
     assert html.stdout == f"report of 6 machines ({sum(map(sum, (s.values() for s in EXPECTED.values())))} " \
                           f"profiles) written to {page}\n"
 
@@ -83,7 +87,7 @@ def test_failure_sections_list_the_longest_waiting_profiles_with_commands_that_w
     for machine, state in failing:
         first = report.first_in_state(db, machine, state, 3)
         assert len(first) == min(3, EXPECTED[machine][state]) and set(first[0]) == {"id", "last_crm_log", "since"}
-        everyone = list(db.profiles.find({f"{state_field(machine)}.state": state}).sort(f"{state_field(machine)}.at", 1))
+        everyone = list(Store(db).in_state(machine, state))
         assert [p["id"] for p in first] == [p["id"] for p in everyone[:3]]
         for profile in first:
             assert f"<tr><td>{profile['id']}</td>" in html
@@ -118,11 +122,12 @@ HOSTILE_LOG = '<img src=x onerror=alert(1)> "quoted" \\ back & <b>bold</b>'
 
 
 def test_hostile_values_from_the_database_stay_text(db) -> None:
-    db.profiles.insert_many([
-        {"id": 1, "crm_state": {NB: {"state": HOSTILE_STATE, "run_id": "1-1", "seq": 1, "at": dt.datetime(2026, 1, 1),
-                                     "detail": {}}}},
-        {"id": 2, "CrmLog": [HOSTILE_LOG], "crm_state": {SIGNUP: {"state": "WroteSalesforceErrorToDb", "run_id": "2-1",
-                                                                  "seq": 3, "at": dt.datetime(2026, 1, 2), "detail": {}}}},
+    db.profiles.insert_many([{"id": 1}, {"id": 2, "CrmLog": [HOSTILE_LOG]}])
+    db[POSITIONS].insert_many([
+        {"_id": f"{NB}:1", "machine": NB, "profile_id": 1, "state": HOSTILE_STATE, "run_id": "1-1", "seq": 1,
+         "at": dt.datetime(2026, 1, 1), "detail": {}, "history": []},
+        {"_id": f"{SIGNUP}:2", "machine": SIGNUP, "profile_id": 2, "state": "WroteSalesforceErrorToDb", "run_id": "2-1",
+         "seq": 3, "at": dt.datetime(2026, 1, 2), "detail": {}, "history": []},
     ])
     data = report.collect(db, [NB, SIGNUP])
     out = io.StringIO()

@@ -36,6 +36,7 @@ from .common import (
     seconds,
     share,
 )
+from .heal_command import configure_parser as configure_heal
 from .report_command import cmd_report
 from .report_command import configure_parser as configure_report
 
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file", help="the CRM_LOG_PATH file")
     load.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     load.set_defaults(func=cmd_load_log)
+
+    heal = sub.add_parser("heal", help="write back machine data that Sefaria's profile saves erased (no CRM call)",
+                          description="Sefaria replaces whole profile documents with stale copies, which can erase the "
+                                      "sf_app_user_id, CrmLog lines and is_sustainer the machines wrote. Find every "
+                                      "profile whose data disagrees with what its finished runs recorded and write it "
+                                      "back, in batches; idempotent: run it every few minutes. CRM: none.")
+    configure_heal(heal)
 
     report = sub.add_parser("report", help="count profiles in each state of each machine")
     add_common(report)

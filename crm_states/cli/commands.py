@@ -106,25 +106,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
     stopped = None
     failure_states = spec.db_failure_states | {args.state}
     with database(args) as db:
-        app = open_states(db, args, crm)
-        # Ids first: a re-driven profile may land in the same state again and must not be met twice.
-        ids = [p["id"] for p in app.profiles_in_state(args.machine, args.state, limit=args.limit or 0,
-                                                      projection={"_id": 0, "id": 1})]
-        for start in range(0, len(ids), 1000):
-            if halted:  # the same refusal or limit would stop every later batch: these are not tried
-                halted[args.state] += len(ids[start:start + 1000])
-                continue
-            batch = list(app.store.profiles.find({"id": {"$in": ids[start:start + 1000]},
-                                                  f"crm_state.{args.machine}.state": args.state}))
-            for result in app.redrive(args.machine, batch):
-                state = result.state or "not started"
-                if result.outcome == "halted":
-                    halted[state] += 1
-                    stopped = stopped or result.error
-                    continue
-                outcomes[state] += 1
-                if result.outcome != "finished" or state in failure_states:
-                    failed[f"{state} ({result.outcome})" if result.outcome != "finished" else state] += 1
+        resumed = open_states(db, args, crm).resume(args.machine, args.state, limit=args.limit or 0)
+    for result in resumed.results:
+        state = result.state or "not started"
+        if result.outcome == "halted":
+            halted[state] += 1
+            stopped = stopped or result.error
+            continue
+        outcomes[state] += 1
+        if result.outcome != "finished" or state in failure_states:
+            failed[f"{state} ({result.outcome})" if result.outcome != "finished" else state] += 1
+    if resumed.not_tried:  # the same refusal or limit would stop every later batch: these were not tried
+        halted[args.state] += resumed.not_tried
     print(f"{sum(outcomes.values())} profiles in {args.state} re-driven:")
     print_counts(outcomes)
     check_refusal(crm, "resume", f"{sum(halted.values())} profiles not re-driven, where they stand now: "
@@ -227,14 +220,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _still_in_db_failure(store: Any, profiles: Mapping[str, set[int]]) -> Counter[tuple[str, str]]:
-    """How many of the replayed profiles stand in a DB-failure state of their machine now (one indexed
-    query per such state)."""
+    """How many of the replayed profiles stand in a DB-failure state of their machine now (their positions,
+    read by id)."""
     staying: Counter[tuple[str, str]] = Counter()
     for machine, ids in profiles.items():
-        for state in sorted(MACHINES[machine].db_failure_states):
-            for doc in store.profiles_in_state(machine, state, projection={"_id": 0, "id": 1}):
-                if doc.get("id") in ids:
-                    staying[(machine, state)] += 1
+        failures = MACHINES[machine].db_failure_states
+        for position in store.positions_of(machine, sorted(ids)).values():
+            if position.state in failures:
+                staying[(machine, position.state)] += 1
     return staying
 
 

@@ -17,6 +17,7 @@ from ..report import (
     CSV_COLUMNS,
     StateRow,
     collect,
+    drift_counts,
     export_csv,
     mermaid_text,
     write_json,
@@ -58,6 +59,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                                       f"({', '.join(CSV_COLUMNS)}); - for stdout")
     parser.add_argument("--mermaid", action="store_true",
                         help="print the --machine's stateDiagram-v2 with each state's count in its label")
+    parser.add_argument("--no-drift", action="store_true",
+                        help="skip the drift count (profiles whose data Sefaria's saves erased: one pass over the "
+                             "machines' data and the profiles, as `crm-states heal --dry-run`)")
     parser.add_argument("--html", metavar="FILE",
                         help="write one self-contained HTML page: each machine's diagram with its counts, the "
                              "counts table, the first profiles of each failure state (needs Graphviz's dot)")
@@ -72,16 +76,18 @@ def run_report(db: Database, args: argparse.Namespace, out: TextIO) -> int:
         if state is not None:
             return _run_csv(db, machines[0], state, args.csv, out)
         data = collect(db, machines)
+        as_json, as_mermaid = getattr(args, "json", False), getattr(args, "mermaid", False)
+        drift = None if getattr(args, "no_drift", False) or as_json or as_mermaid else drift_counts(db, machines)
         if getattr(args, "html", None) is not None:
-            return _run_html(db, data, args.html, out)
+            return _run_html(db, data, args.html, out, drift)
         if getattr(args, "prometheus", None) is not None:
-            return _run_prometheus(data, args.prometheus, out)
-        if getattr(args, "mermaid", False):
+            return _run_prometheus(data, args.prometheus, out, drift)
+        if as_mermaid:
             out.write(mermaid_text(MACHINES[machines[0]], data[machines[0]], db.name))
-        elif getattr(args, "json", False):
+        elif as_json:
             write_json(data, out)
         else:
-            write_text(data, out)
+            write_text(data, out, drift)
         out.flush()
     except BrokenPipeError:  # `crm-states report ... | head`: the reader has what it wanted
         _discard_output(out)
@@ -155,12 +161,13 @@ def _run_csv(db: Database, machine: str, state: str, dest: str, out: TextIO) -> 
     return EXIT_OK
 
 
-def _run_html(db: Database, data: dict[str, list[StateRow]], dest: str, out: TextIO) -> int:
+def _run_html(db: Database, data: dict[str, list[StateRow]], dest: str, out: TextIO,
+              drift: dict[str, int] | None) -> int:
     from ..diagram_svg import DotMissing
     from ..report_html import write_html  # jinja2, graphviz and the template only when a page is asked for
 
     try:
-        _write_to(dest, out, lambda f: write_html(db, data, f))
+        _write_to(dest, out, lambda f: write_html(db, data, f, drift=drift))
     except DotMissing as exc:  # dot went away between the check and the drawing
         raise CliError(str(exc)) from None
     if dest != "-":
@@ -169,10 +176,10 @@ def _run_html(db: Database, data: dict[str, list[StateRow]], dest: str, out: Tex
     return EXIT_OK
 
 
-def _run_prometheus(data: dict[str, list[StateRow]], dest: str, out: TextIO) -> int:
+def _run_prometheus(data: dict[str, list[StateRow]], dest: str, out: TextIO, drift: dict[str, int] | None) -> int:
     from ..report_prometheus import exposition
 
-    text = exposition(data)
+    text = exposition(data, drift=drift)
     _write_to(dest, out, lambda f: f.write(text))
     return EXIT_OK
 

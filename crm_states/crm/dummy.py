@@ -17,12 +17,15 @@ import requests
 
 from .base import CrmConnectionManager
 from .errors import CrmNotSupported
+from .results import Matches
 
 DUMMY_ID_PREFIX = "dummy:"
 
 #: Which CRM_TYPE values can answer each read (the design document: validation is against Salesforce).
 READ_NEEDS: dict[str, tuple[str, ...]] = {
     "find_app_users_by_nationbuilder_ids": ("SALESFORCE",),
+    "lookup_app_users_by_nationbuilder_ids": ("SALESFORCE",),
+    "lookup_app_users_by_emails": ("SALESFORCE",),
     "find_crm_id": ("SALESFORCE", "NATIONBUILDER"),
     "get_sustainers": ("SALESFORCE", "NATIONBUILDER"),
     "get_available_lists": ("SALESFORCE",),
@@ -101,6 +104,12 @@ class DummyConnectionManager(CrmConnectionManager):
 
     def find_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> Mapping[int, str]:
         raise not_supported("NONE", "find_app_users_by_nationbuilder_ids")
+
+    def lookup_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> dict[int, Matches]:
+        raise not_supported(self.name.upper(), "lookup_app_users_by_nationbuilder_ids")
+
+    def lookup_app_users_by_emails(self, emails: Iterable[str]) -> dict[str, Matches]:
+        raise not_supported(self.name.upper(), "lookup_app_users_by_emails")
 
     @property
     def api_requests(self) -> int:

@@ -129,6 +129,7 @@ CrmConnectionManager.register(LazyCrm)  # isinstance holds: it stands for the CR
 SALESFORCE_SCHEMA_SETTINGS = {
     "SALESFORCE_NATIONBUILDER_ID_FIELD": "nationbuilder_id_field",  # e.g. Contact__r.NationBuilder_Id__c
     "SALESFORCE_APP_USER_KEY_PREFIX": "app_user_key_prefix",  # the first 3 characters of app user ids
+    "SALESFORCE_EXTERNAL_ID_FIELD": "external_id_field",  # creates upsert on it (the Sefaria user id)
 }
 
 

@@ -227,4 +227,4 @@ def test_a_subclass_that_adds_nothing_still_refuses_lookups_clearly() -> None:
 
     with pytest.raises(CrmNotSupported) as caught:
         Minimal().lookup_app_users_by_nationbuilder_ids([1])
-    assert "minimal" in str(caught.value) and caught.value.needs == ("SALESFORCE",)
+    assert "minimal" in str(caught.value).lower() and caught.value.needs == ("SALESFORCE",)

@@ -81,7 +81,7 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
         for uid in users[:3]:
             if uid == users[2]:
                 client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                                      "data": {"failCommands": ["insert"], "errorCode": 6}})
+                                      "data": {"failCommands": ["update"], "errorCode": 6}})
             out = cli(env, "signup", "-v", "--user-id", str(uid))
             client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
             texts[f"signup {uid}"] = out.stdout + out.stderr
@@ -202,6 +202,6 @@ def test_a_secret_cut_by_the_200_character_limit_is_still_redacted(db, where: st
                                                          "y" * 170 + f" {SENTINEL} " + "z" * 200}).encode()), times=1, kind="token")
         results = CrmStates.open(db, crm).validate_profiles(list(db.profiles.find()))
     assert {r.state for r in results} == {"WroteUnexpectedResponse"}
-    stored = json_util.dumps(list(db.profiles.find()) + list(db.crm_transitions.find()), ensure_ascii=False)
+    stored = json_util.dumps(list(db.profiles.find()) + list(db.crm_positions.find()), ensure_ascii=False)
     assert "…" in stored  # the message was cut
     assert not leaked(secret, stored), [line for p in db.profiles.find() for line in p["CrmLog"]][0][-120:]
