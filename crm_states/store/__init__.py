@@ -2,10 +2,17 @@
 layout): positions, history and claims in the project's own ``crm_positions`` collection; machine data
 written into Sefaria's ``profiles`` documents; applying journal entries; drift and heal."""
 
-from .core import DUPLICATE_KEY, INDEX_BUILD_SECONDS, Step, Store
+from .core import DUPLICATE_KEY, INDEX_BUILD_SECONDS, Store
+from .steps import Step
 from .documents import POSITIONS, PROFILES, position_key
-from .errors import (ConcurrentTransition, InputChanged, ProfileGone, ProfileNotFound, StoreError,
-                     StoreUnavailable)
+from .errors import (
+                     ConcurrentTransition,
+                     InputChanged,
+                     ProfileGone,
+                     ProfileNotFound,
+                     StoreError,
+                     StoreUnavailable,
+)
 from .heal import HealReport, heal
 from .journaled import chains
 

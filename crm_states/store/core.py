@@ -25,7 +25,6 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import attrs
 import pymongo
 from pymongo import ASCENDING, UpdateOne
 from pymongo.collection import Collection
@@ -38,7 +37,7 @@ from pymongo.errors import (
 )
 from pymongo.write_concern import WriteConcern
 
-from ..records import Claim, Position, ProfileData, ProfileWrite, Transition, utcnow
+from ..records import Position, ProfileWrite, Transition, utcnow
 from .documents import (
     POSITION_FIELDS,
     POSITIONS,
@@ -57,45 +56,21 @@ from .errors import (
     StoreUnavailable,
 )
 from .journaled import apply_journaled
-from .profile_writes import ABSENT, CHANGED, PlannedWrite, apply_writes, bulk_update, merged_write
+from .profile_writes import (
+    ABSENT,
+    CHANGED,
+    PlannedWrite,
+    apply_writes,
+    bulk_update,
+    merged_write,
+)
+from .steps import Step
 
 log = logging.getLogger("crm_states.store")
 
 DUPLICATE_KEY = 11000
 #: The deadline for building one index on a large collection.
 INDEX_BUILD_SECONDS = 900.0
-
-
-@attrs.frozen
-class Step:
-    """What one profile commits at once: consecutive transitions from ``expected`` (persisted).
-    ``claim``: the last transition enters a write-ahead state, so the step also takes the run's fenced
-    claim ``{by: <run token>, owner: <process>, seconds}`` (its time is the database's clock)."""
-
-    profile_id: int
-    machine: str
-    expected: Position
-    transitions: tuple[Transition, ...]
-    claim: Mapping[str, Any] | None = None
-
-    @property
-    def last(self) -> Transition:
-        return self.transitions[-1]
-
-    def data(self) -> ProfileData:
-        """The position's data after this step's writes."""
-        data = self.expected.data
-        for t in self.transitions:
-            if t.write is not None and not t.write.empty:
-                data = data.with_write(t.write, t.at)
-        return data
-
-    def after(self) -> Position:
-        """The position once this step is committed (the claim's database time is not known here)."""
-        last = self.last
-        claim = Claim(self.claim["by"], None, float(self.claim["seconds"]), str(self.claim.get("owner", ""))) \
-            if self.claim is not None else None
-        return Position(last.dest, last.run_id, last.seq, dict(last.detail), last.at, self.data(), claim, last.by)
 
 
 class Store:

@@ -4,7 +4,7 @@ equals replaying once."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from pymongo.errors import PyMongoError
 
@@ -12,9 +12,22 @@ from ..records import START, Position, ProfileWrite, Transition, is_newest
 from .documents import position_key
 from .errors import StoreUnavailable
 from .profile_writes import WRITTEN, PlannedWrite, apply_writes
+from .steps import Step
 
-if TYPE_CHECKING:
-    from .core import Store
+
+class Store(Protocol):
+    """What applying an entry needs of ``core.Store`` (named here so this module does not import it)."""
+
+    profiles: Any
+    positions: Any
+
+    def position(self, profile_id: int, machine: str) -> Position: ...
+
+    def get_profile(self, profile_id: int, projection: Any = None) -> dict[str, Any] | None: ...
+
+    def commit(self, steps: Sequence[Step]) -> list[Any]: ...
+
+    def fill_profile(self, profile_id: int, write: ProfileWrite) -> bool: ...
 
 
 def chains(position: Position, transitions: Sequence[Transition]) -> bool:
@@ -34,8 +47,6 @@ def apply_journaled(store: Store, profile_id: int, machine: str, transitions: Se
     """Record ``transitions`` if the profile still stands where they start, then apply ``write`` (never
     over a different value of a field) and note it in the position's data, so ``heal`` keeps it there.
     Returns True when anything changed."""
-    from .core import Step
-
     changed = False
     position = store.position(profile_id, machine)
     if transitions and chains(position, transitions):
