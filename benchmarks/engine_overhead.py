@@ -31,6 +31,7 @@ from transitions import Machine
 
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.engine import Engine, trigger_name
+from crm_states.records import Position
 from machines import nb_profile_validation as nb
 
 TARGET = 1.5
@@ -38,7 +39,10 @@ PATH = ["NotChecked", "RequestedContact", "OkResponse", "WroteSalesforceAppUserU
 
 
 class DiscardingStore:
-    """The one ``Store`` method the engine calls, accepting every step and keeping nothing."""
+    """The two ``Store`` methods this path calls: every profile is new, every step is accepted, nothing kept."""
+
+    def position(self, profile_id: int, machine: str) -> Position:
+        return Position()
 
     def commit(self, steps: Sequence[Any]) -> list[None]:
         return [None] * len(steps)

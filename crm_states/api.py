@@ -1,6 +1,6 @@
 """Entry points for Sefaria code and tools: run the signup machine for a new user, validate one
-profile, list profiles by (machine, state). Each returns the ``RunResult`` whose ``state`` is the
-state the profile ended in.
+profile, list profiles by (machine, state), read a profile's position and history, heal drifted data.
+Each driving method returns the ``RunResult`` whose ``state`` is the state the profile ended in.
 
 This is the application layer: it wires the core (engine, store, journal) to ``machines`` and a CRM.
 """
@@ -8,6 +8,7 @@ This is the application layer: it wires the core (engine, store, journal) to ``m
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -15,7 +16,6 @@ from typing import Any
 import attrs
 from pymongo import MongoClient
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
 
 from machines import change_email, mailing_list_signup, mark_as_spam, new_user_signup, nb_profile_validation, \
     sync_sustainers
@@ -23,10 +23,10 @@ from machines import change_email, mailing_list_signup, mark_as_spam, new_user_s
 from . import sustainers
 from .crm.base import CrmConnectionManager
 from .crm.factory import crm_from_env
-from .engine import Engine, RunResult, StateMachine
+from .engine import CLAIM_SECONDS, Engine, RunResult, StateMachine
 from .journal import Journal
-from .records import Transition, utcnow
-from .store import Store, StoreUnavailable
+from .records import Position, Transition, utcnow
+from .store import HealReport, ProfileNotFound, Store, heal
 
 #: Every machine the project builds, by name (the diagram's file stem).
 MACHINES: Mapping[str, StateMachine] = MappingProxyType({
@@ -56,6 +56,20 @@ def machine(name: str) -> StateMachine:
         raise ValueError(f"unknown machine {name!r}; known: {', '.join(sorted(MACHINES))}") from None
 
 
+def _seconds_setting(name: str, default: float, *, zero: bool = False) -> float:
+    """A positive (or, with ``zero``, non-negative) finite number of seconds from the environment."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")) or (value == 0 and not zero):
+        raise ValueError(f"{name} must be a number of seconds {'>= 0' if zero else 'above 0'}, got {text[:40]!r}")
+    return value
+
+
 def connect(mongo_url: str | None = None, db_name: str | None = None, **client_options: Any) -> Database:
     """The database named by the arguments, else by ``MONGO_URL``/``MONGO_DB``; fails fast (5 s)."""
     url = mongo_url or os.environ.get("MONGO_URL") or DEFAULT_MONGO_URL
@@ -67,50 +81,131 @@ def connect(mongo_url: str | None = None, db_name: str | None = None, **client_o
 
 
 @attrs.define
+class Resumed:
+    """What ``CrmStates.resume`` did: every re-driven profile's result, and how many it did not try."""
+
+    results: list[RunResult] = attrs.field(factory=list)
+    not_tried: int = 0
+
+
+@attrs.define
 class CrmStates:
-    """The machines over one database, one CRM and one journal."""
+    """The machines over one database, one CRM and one journal.
+
+    ``claim_wait``: how long a call that meets a run another live driver holds (a Celery redelivery, an
+    operator's resume during a live signup) waits for that driver's outcome before reporting ``claimed``.
+    """
 
     store: Store
     crm: CrmConnectionManager
     journal: Journal = attrs.field(factory=Journal)
     clock: Any = utcnow
+    claim_wait: float = 5.0
+    claim_seconds: float = CLAIM_SECONDS
 
     @classmethod
     def open(cls, db: Database, crm: CrmConnectionManager, *, journal_path: str | None = None,
              ensure_indexes: bool = True) -> CrmStates:
         store = Store(db)
         if ensure_indexes:
-            store.ensure_indexes()  # state indexes come per machine, when first used
+            store.ensure_indexes()
         return cls(store=store, crm=crm, journal=Journal(journal_path or os.environ.get("CRM_STATES_JOURNAL")))
 
     @classmethod
-    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None) -> CrmStates:
+    def from_env(cls, db: Database | None = None, *, journal_path: str | None = None,
+                 crm: CrmConnectionManager | None = None) -> CrmStates:
         """The ``CrmStates`` the ``crm-states`` commands and the Celery tasks build from the environment:
         the CRM of ``CRM_TYPE`` and Sefaria's CRM settings (``CrmConfigError`` naming a missing one), the
         database ``db`` or else ``MONGO_URL``/``MONGO_DB`` (``connect``), and the journal file of
-        ``CRM_STATES_JOURNAL``, else ``journal_path``. One function, so a worker and a shell agree."""
-        crm = crm_from_env()
+        ``CRM_STATES_JOURNAL``, else ``journal_path``; ``CRM_STATES_CLAIM_SECONDS`` and
+        ``CRM_STATES_CLAIM_WAIT`` set how long a write-ahead claim lasts and how long a call waits for another
+        live driver's outcome. One function, so a worker and a shell agree.
+        ``crm`` replaces the CRM of ``CRM_TYPE`` (the commands pass a ``LazyCrm``, built on first use)."""
+        crm = crm_from_env() if crm is None else crm
         journal = os.environ.get("CRM_STATES_JOURNAL") or journal_path
-        return cls.open(connect() if db is None else db, crm, journal_path=journal)
+        states = cls.open(connect() if db is None else db, crm, journal_path=journal)
+        states.claim_seconds = _seconds_setting("CRM_STATES_CLAIM_SECONDS", states.claim_seconds)
+        states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True)
+        return states
 
     def engine(self, name: str) -> Engine:
-        return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock)
+        return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock,
+                      claim_seconds=self.claim_seconds)
 
-    def _drive_one(self, name: str, profile_id: Any, *, restart: bool, inputs: Mapping[str, Any]) -> RunResult:
+    # --- reads: the stable public read API (a read never writes) -----------------------------------
+    def position(self, profile_id: int, machine_name: str) -> Position | None:
+        """Where the profile stands in the machine (state, seq, run id, detail), or ``None``."""
+        found = self.store.position(check_profile_id(profile_id), machine(machine_name).name)
+        return found if found.state is not None else None
+
+    def history(self, profile_id: int, machine_name: str) -> list[Transition]:
+        """Every transition of the profile in the machine, in seq order."""
+        return self.store.history(check_profile_id(profile_id), machine(machine_name).name)
+
+    def profiles_in_state(self, machine_name: str, state: str, *, limit: int = 0) -> Iterator[dict[str, Any]]:
+        """The profiles now in ``state``, oldest first (an indexed query): dicts with ``id``, ``state``,
+        ``at``, ``seq``, ``run_id`` and ``detail``."""
+        spec = machine(machine_name)
+        if state not in spec.diagram.states:
+            raise ValueError(f"{machine_name} has no state {state!r}; states: {', '.join(spec.diagram.states)}")
+        return self.store.in_state(machine_name, state, limit=limit)
+
+    def app_user_id(self, profile_id: int) -> str | None:
+        """The profile's Salesforce app user id: the newest one a finished run recorded, else the one on the
+        profile document (which Sefaria's stale saves may have erased)."""
+        newest: tuple[Any, str] | None = None
+        for name in (new_user_signup.NAME, nb_profile_validation.NAME):
+            data = self.store.position(profile_id, name).data
+            value, at = data.fields.get("sf_app_user_id"), data.set_at.get("sf_app_user_id")
+            if isinstance(value, str) and value and (newest is None or (at and at > newest[0])):
+                newest = (at, value)
+        if newest is not None:
+            return newest[1]
+        profile = self.store.get_profile(profile_id, {"sf_app_user_id": 1}) or {}
+        value = profile.get("sf_app_user_id")
+        return value if isinstance(value, str) and value else None
+
+    # --- driving ------------------------------------------------------------------------------------
+    def _drive_one(self, name: str, profile_id: Any, *, restart: bool, inputs: Mapping[str, Any],
+                   needs_profile: bool = True) -> RunResult:
         profile_id = check_profile_id(profile_id)
-        self.store.settle(profile_id, name)  # finish what a crash left half-written; ProfileNotFound if absent
-        profile = self.store.require_profile(profile_id)
+        profile = self.store.get_profile(profile_id)
+        if profile is None:
+            if needs_profile:
+                raise ProfileNotFound(f"no profile with id {profile_id!r} in '{self.store.profiles.name}'")
+            profile = {"id": profile_id}
         engine = self.engine(name)
-        return engine.drive([engine.prepare(profile, restart=restart, inputs=inputs)])[0]
+        result = engine.drive([engine.prepare(profile, restart=restart, inputs=inputs)])[0]
+        for _ in range(3):  # another driver moved it, or holds it: go on from where it stands, or adopt its end
+            if result.outcome == "claimed" and not self._waited_for_holder(name, profile_id):
+                break
+            if result.outcome not in ("conflict", "claimed"):
+                break
+            result = engine.drive([engine.prepare(profile, inputs=inputs)])[0]
+        return result
+
+    def _waited_for_holder(self, name: str, profile_id: int) -> bool:
+        """Wait up to ``claim_wait`` for the live driver holding the profile's run to move it; True if it did."""
+        seq = self.store.position(profile_id, name).seq
+        deadline = time.monotonic() + self.claim_wait
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            if self.store.position(profile_id, name).seq != seq:
+                return True
+        return False
 
     def run_signup(self, user_id: int, *, email: str | None = None, first_name: str | None = None,
                    last_name: str | None = None, lang: str = "en", educator: bool = False,
                    restart: bool = False) -> RunResult:
-        """Create the new user's Salesforce app user and save its id. Safe to call again: a finished
-        profile is left alone, a half-done one is continued, and the CRM never gets a second user."""
+        """Create the new user's Salesforce app user and save its id. Safe to call again, and from several
+        drivers at once: a finished profile is left alone, a half-done one is continued, and the CRM never
+        gets a second user. The profile document need not exist yet when ``email`` is given: the id reaches it
+        once Sefaria has created it (``heal``); without ``email`` the profile is where it is read from, and a
+        missing one is ``ProfileNotFound``."""
         inputs = {k: v for k, v in {"email": email, "first_name": first_name, "last_name": last_name,
                                     "lang": lang, "educator": educator}.items() if v is not None}
-        return self._drive_one(new_user_signup.NAME, user_id, restart=restart, inputs=inputs)
+        return self._drive_one(new_user_signup.NAME, user_id, restart=restart, inputs=inputs,
+                               needs_profile=email is None)
 
     def validate_profile(self, profile_id: int, *, restart: bool = False) -> RunResult:
         """Run the NationBuilder-profile validation for one profile."""
@@ -119,40 +214,42 @@ class CrmStates:
     def validate_profiles(self, profiles: Sequence[Mapping[str, Any]], *, restart: bool = False) -> list[RunResult]:
         """Validate a batch of profile documents with one CRM lookup and bulk writes."""
         engine = self.engine(nb_profile_validation.NAME)
-        return engine.drive([engine.prepare(p, restart=restart) for p in profiles])
+        return engine.drive(engine.prepare_all(profiles, restart=restart))
 
     def _request(self, name: str, profile_id: Any, inputs: Mapping[str, Any]) -> RunResult:
         """One new CRM request for a profile: a new run, whatever the profile's previous run ended in.
         A run stopped half-way (its write-ahead request may already have gone out) is finished first;
         if it was this very request, its result is the answer, else the new request runs after it."""
         profile_id = check_profile_id(profile_id)
-        position = self.store.settle(profile_id, name)  # ProfileNotFound when absent
+        position = self.store.position(profile_id, name)
         spec = machine(name)
         if position.state is not None and position.state not in spec.terminal:
-            first = self._drive_one(name, profile_id, restart=False, inputs={})
+            first = self._drive_one(name, profile_id, restart=False, inputs={}, needs_profile=False)
             if not first.finished or all(position.detail.get(k) == v for k, v in inputs.items()):
                 return first
-        return self._drive_one(name, profile_id, restart=True, inputs=inputs)
+        return self._drive_one(name, profile_id, restart=True, inputs=inputs, needs_profile=False)
 
     def change_email(self, profile_id: int, new_email: str) -> RunResult:
-        """Tell the CRM that the user changed their email (``change_user_email`` with the profile's
-        ``sf_app_user_id``, which does not change). Every call is one request; after a DB failure that
-        followed the CRM's OK, calling again with the same email records it without a second request."""
-        return self._request(change_email.NAME, profile_id, {"new_email": new_email})
+        """Tell the CRM that the user changed their email (``change_user_email`` with the user's app user
+        id, which does not change). Every call is one request; after a DB failure that followed the CRM's OK,
+        calling again with the same email records it without a second request."""
+        return self._request(change_email.NAME, profile_id,
+                             {"new_email": new_email, "crm_id": self.app_user_id(check_profile_id(profile_id))})
 
     def mark_as_spam(self, profile_id: int, review: bool = False) -> RunResult:
         """Mark the user as spam in the CRM (``mark_as_spam_in_crm``), or with ``review`` flag it for
         manual review (``mark_for_review_in_crm``)."""
-        return self._request(mark_as_spam.NAME, profile_id, {"review": bool(review)})
+        return self._request(mark_as_spam.NAME, profile_id,
+                             {"review": bool(review), "crm_id": self.app_user_id(check_profile_id(profile_id))})
 
     def subscribe(self, email: str, lists: Sequence[str], *, profile_id: int | None = None,
                   first_name: str | None = None, last_name: str | None = None, lang: str = "en",
                   educator: bool = False) -> RunResult:
         """Sign an email address up for mailing lists (``add_email_to_mailing_lists``; no CRM id).
 
-        With ``profile_id`` (a signed-in user) the run lives on that profile; without, on the document
-        ``mailing_list_signup.signup_id(email)``, created on first use (see machines/mailing_list_signup.py).
-        The result's ``profile_id`` names the document."""
+        With ``profile_id`` (a signed-in user) the run is that user's; without, it is kept under
+        ``mailing_list_signup.signup_id(email)`` (see machines/mailing_list_signup.py). The result's
+        ``profile_id`` names it."""
         if not isinstance(email, str) or not email.strip():
             raise TypeError(f"email must be a non-empty string, got {email!r}")
         if isinstance(lists, str) or not all(isinstance(x, str) for x in lists):
@@ -161,14 +258,6 @@ class CrmStates:
                   "lang": lang, "educator": bool(educator)}
         if profile_id is None:
             profile_id = mailing_list_signup.signup_id(email)
-            try:
-                self.store.profiles.update_one(
-                    {"id": profile_id},
-                    {"$setOnInsert": {"id": profile_id, "email": mailing_list_signup.normalise_email(email),
-                                      "mailing_list_only": True}}, upsert=True)
-            except PyMongoError as exc:
-                raise StoreUnavailable(f"creating the signup document {profile_id}: {type(exc).__name__}: "
-                                       f"{exc}") from exc
         return self._request(mailing_list_signup.NAME, profile_id, inputs)
 
     def sync_sustainers(self, *, max_demote_share: float = sustainers.DEFAULT_MAX_DEMOTE_SHARE, force: bool = False,
@@ -181,16 +270,38 @@ class CrmStates:
 
     def redrive(self, machine_name: str, profiles: Sequence[Mapping[str, Any]]) -> list[RunResult]:
         """Drive a batch of profiles again: a new run from [*] for those in a terminal state (using the
-        journaled CRM result where a DB-failure state holds one), the stopped run for the others."""
+        journaled CRM result where a DB-failure state holds one), the stopped run for the others.
+        ``profiles`` name the profiles by ``id`` (documents, or the rows of ``profiles_in_state``): each is
+        read afresh from ``profiles`` (one that Sefaria has not created is driven as ``{"id": n}``)."""
         engine = self.engine(machine(machine_name).name)
-        return engine.drive([engine.prepare(p, restart=True) for p in profiles])
+        ids = [check_profile_id(p["id"]) for p in profiles]
+        docs = {d["id"]: d for d in self.store.profiles.find({"id": {"$in": ids}})}
+        return engine.drive(engine.prepare_all([docs.get(pid, {"id": pid}) for pid in ids], restart=True))
 
-    def profiles_in_state(self, machine_name: str, state: str, *, limit: int = 0,
-                          projection: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        spec = machine(machine_name)
-        if state not in spec.diagram.states:
-            raise ValueError(f"{machine_name} has no state {state!r}; states: {', '.join(spec.diagram.states)}")
-        return self.store.profiles_in_state(machine_name, state, limit=limit, projection=projection)
+    def resume(self, machine_name: str, state: str, *, limit: int = 0, batch_size: int = 1000) -> Resumed:
+        """Re-drive the profiles now in ``state`` (``crm-states resume``), in batches. Ids are read first, so
+        a profile that lands in the same state again is not met twice; each batch re-reads its positions, so
+        one moved meanwhile is left alone. A batch that halts (the CRM's limit, no CRM configured) ends it:
+        the later batches would meet the same refusal and are counted as not tried."""
+        name = machine(machine_name).name
+        ids = [row["id"] for row in self.profiles_in_state(name, state, limit=limit)]
+        resumed = Resumed()
+        engine = self.engine(name)
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            positions = self.store.positions_of(name, chunk)
+            still = [pid for pid in chunk if pid in positions and positions[pid].state == state]
+            docs = {p["id"]: p for p in self.store.profiles.find({"id": {"$in": still}})}
+            results = engine.drive([engine.prepare(docs.get(pid, {"id": pid}), positions[pid], restart=True)
+                                    for pid in still])
+            resumed.results.extend(results)
+            if any(r.outcome == "halted" for r in results):
+                resumed.not_tried = len(ids) - start - len(chunk)
+                break
+        return resumed
 
-    def history(self, profile_id: int, machine_name: str) -> list[Transition]:
-        return self.store.history(check_profile_id(profile_id), machine(machine_name).name)
+    def heal(self, machine_name: str | None = None, *, dry_run: bool = False) -> HealReport:
+        """Write back the data finished runs recorded where Sefaria's profile saves erased it (no CRM call;
+        idempotent); with ``dry_run`` only count. ``machine_name`` limits what is counted and fixed."""
+        only = None if machine_name is None else [machine(machine_name).name]
+        return heal(self.store, list(MACHINES), only=only, dry_run=dry_run)

@@ -1,13 +1,15 @@
 """Celery tasks for Sefaria's workers (the optional extra ``crm_states[celery]``).
 
-Three tasks call exactly what the command line and Sefaria's hooks call:
+Four tasks call exactly what the command line and Sefaria's hooks call:
 
 - ``crm_states.run_signup(user_id, ...)``: ``CrmStates.run_signup`` (``crm-states signup``);
 - ``crm_states.validate_chunk(profile_ids=[...] | id_range=[lo, hi])``: the batch runner's per-chunk
   step (``ValidationRunner.validate_chunk``) for the chunk's pending profiles: one batched CRM lookup
   and bulk writes, as ``crm-states validate-nb`` does for each of its ranges;
 - ``crm_states.sync_sustainers(force=False, ...)``: ``crm_states.sustainers.sync_sustainers``
-  (``crm-states sync-sustainers``).
+  (``crm-states sync-sustainers``);
+- ``crm_states.heal(machine=None, dry_run=False)``: ``CrmStates.heal`` (``crm-states heal``), for Celery beat
+  every few minutes: Sefaria's profile saves erase machine data at any time.
 
 Arguments and results are JSON: ids, flags, and a summary with the state, the outcome and per-state
 counts. Every task builds its ``CrmStates`` with ``CrmStates.from_env``, as the commands do: ``MONGO_URL``
@@ -43,11 +45,11 @@ from celery import Celery, Task
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
-from .api import CrmStates
+from .api import MACHINES, CrmStates
 from .crm.errors import CrmLimitExceeded, CrmTransientError
 from .engine import RunResult
-from .runner import PROJECTION, Progress, RunnerConfig, RunnerReport, ValidationRunner, pending_filter
-from .store import position_of, state_field
+from .records import Position
+from .runner import NB_FILTER, PROJECTION, Progress, RunnerConfig, RunnerReport, ValidationRunner
 from .sustainers import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DEMOTE_SHARE, SyncReport
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -62,11 +64,12 @@ _CRM_FAILURE_STATE = {nb.NAME: "WroteUnexpectedResponse", signup.NAME: "WroteSal
 
 
 class CrmTasks(NamedTuple):
-    """The three tasks as registered on one app."""
+    """The tasks as registered on one app."""
 
     run_signup: Task
     validate_chunk: Task
     sync_sustainers: Task
+    heal: Task
 
 
 # --- the CrmStates of a worker process ------------------------------------------------------------------
@@ -139,10 +142,22 @@ def register_tasks(app: Celery, *, open_states: Callable[[], CrmStates] | None =
         return _sync_sustainers(task, states(), force=force, dry_run=dry_run, max_demote_share=max_demote_share,
                                 batch_size=batch_size)
 
+    def heal_task(task: Task, machine: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """``crm-states heal``: write back the machine data Sefaria's profile saves erased (no CRM call);
+        meant for Celery beat every few minutes."""
+        report = states().heal(machine, dry_run=dry_run)
+        names = [machine] if machine else list(MACHINES)
+        return {"dry_run": dry_run, "checked": report.checked, "drifted_profiles": report.drifted_profiles,
+                "healed_profiles": report.healed_profiles,
+                "machines": {name: {"drifted": report.drifted[name], "healed": report.healed[name],
+                                    "waiting": report.waiting[name], "stale_inputs": report.stale_inputs[name]}
+                             for name in names}}
+
     return CrmTasks(
         run_signup=app.task(name="crm_states.run_signup", **options)(run_signup_task),
         validate_chunk=app.task(name="crm_states.validate_chunk", **options)(validate_chunk_task),
         sync_sustainers=app.task(name="crm_states.sync_sustainers", **options)(sync_sustainers_task),
+        heal=app.task(name="crm_states.heal", **{**options, "autoretry_for": ()})(heal_task),
     )
 
 
@@ -154,11 +169,12 @@ def _run_signup(task: Task, app: CrmStates, user_id: int, *, email: str | None =
     """The first attempt is ``crm-states signup``; a retry restarts the run only from the failure state a
     transient CRM error left, as ``crm-states resume`` would (never from the final state)."""
     if _attempt(task) > 1 and not restart:
-        restart = bool(_stopped_by_transient(app, signup.NAME, {"id": user_id}))
+        restart = bool(_stopped_by_transient(app, signup.NAME, _positions(app, signup.NAME, [user_id], None)))
     result = app.run_signup(user_id, email=email, first_name=first_name, last_name=last_name, lang=lang,
                             educator=educator, restart=restart)
     summary = {"machine": signup.NAME, "attempt": _attempt(task), **_run_result(result)}
-    stuck = _stopped_by_transient(app, signup.NAME, {"id": user_id}) if result.finished else []
+    stuck = (_stopped_by_transient(app, signup.NAME, _positions(app, signup.NAME, [user_id], None))
+             if result.finished else [])
     if stuck:
         _retry_or_give_up(task, summary, stuck, signup.NAME)
     return summary
@@ -179,21 +195,25 @@ def _validate_chunk(task: Task, app: CrmStates, *, profile_ids: Sequence[int] | 
     report = RunnerReport()
     progress = Progress(count, stream=io.StringIO())  # log lines, never a progress bar, in a worker
     if _attempt(task) > 1:
-        stuck = _stopped_by_transient(app, nb.NAME, where, PROJECTION)
+        stuck = _stopped_by_transient(app, nb.NAME, _positions(app, nb.NAME, ids, bounds))
         if stuck:
-            runner.record(app.redrive(nb.NAME, stuck), report, progress)
+            docs = {p["id"]: p for p in app.store.profiles.find({"id": {"$in": [pid for pid, _ in stuck]}}, PROJECTION)}
+            runner.record(app.redrive(nb.NAME, [docs[pid] for pid, _ in stuck if pid in docs]), report, progress)
     if not report.stopped:
         runner.validate_chunk(where, count, report, progress)
-    chunk = Counter(position_of(p, nb.NAME).state or "not started"
-                    for p in app.store.profiles.find(where, {"_id": 0, "id": 1, state_field(nb.NAME): 1}))
+    profiles = list(app.store.profiles.find(where, PROJECTION))
+    positions = _positions(app, nb.NAME, ids, bounds)
+    chunk = Counter(positions[p["id"]].state if p["id"] in positions else "not started" for p in profiles)
+    profiles = [p for p in profiles if p.get("nationbuilder_id") not in NB_FILTER["nationbuilder_id"]["$nin"]]
     summary = {"machine": nb.NAME, "attempt": _attempt(task),
                "chunk": {"profile_ids": len(ids)} if ids is not None else {"id_range": list(bounds)},
                "processed": report.processed, "lookups": report.lookups, "states": dict(report.states),
                "outcomes": dict(report.outcomes),
                "stopped": report.stopped, "chunk_states": dict(chunk),
-               "pending_after": app.store.profiles.count_documents({**pending_filter(), **where})}
+               "pending_after": sum(1 for p in profiles
+                                    if not nb.validated_for(p, positions.get(p["id"], Position())))}
     if not report.stopped:  # a halt is the CRM's API limit: never retried
-        stuck = _stopped_by_transient(app, nb.NAME, where)
+        stuck = _stopped_by_transient(app, nb.NAME, positions)
         if stuck:
             _retry_or_give_up(task, summary, stuck, nb.NAME)
     return summary
@@ -261,22 +281,30 @@ def _is_transient(error: Any) -> bool:
     return isinstance(error, str) and error.partition(":")[0].strip() in _transient_names()
 
 
-def _stopped_by_transient(app: CrmStates, machine_name: str, where: Mapping[str, Any],
-                          projection: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The profiles of ``where`` whose run stopped in the machine's CRM-failure state on a transient error."""
-    field = state_field(machine_name)
-    found = app.store.profiles.find({**where, f"{field}.state": _CRM_FAILURE_STATE[machine_name]},
-                                    {"_id": 0, "id": 1, field: 1, **(projection or {})})
-    return [p for p in found if _is_transient(position_of(p, machine_name).detail.get("error"))]
+def _positions(app: CrmStates, machine_name: str, ids: Sequence[int] | None,
+               bounds: tuple[int, int] | None) -> dict[int, Position]:
+    """The machine's positions of a chunk: the listed ids, or the id range."""
+    if ids is not None:
+        return app.store.positions_of(machine_name, ids)
+    assert bounds is not None
+    return app.store.positions_between(machine_name, bounds[0], bounds[1])
 
 
-def _retry_or_give_up(task: Task, summary: dict[str, Any], stuck: Sequence[Mapping[str, Any]],
+def _stopped_by_transient(app: CrmStates, machine_name: str,
+                          positions: Mapping[int, Position]) -> list[tuple[int, Position]]:
+    """The profiles whose run stopped in the machine's CRM-failure state on a transient error."""
+    failed = _CRM_FAILURE_STATE[machine_name]
+    return [(pid, pos) for pid, pos in sorted(positions.items())
+            if pos.state == failed and _is_transient(pos.detail.get("error"))]
+
+
+def _retry_or_give_up(task: Task, summary: dict[str, Any], stuck: Sequence[tuple[int, Position]],
                       machine_name: str) -> None:
     """Raise ``CrmTransientError`` for Celery's autoretry while attempts remain; else mark the summary."""
     if _retries_left(task):
-        error = position_of(stuck[0], machine_name).detail.get("error")
+        pid, position = stuck[0]
         raise CrmTransientError(f"{len(stuck)} profiles of {machine_name} stopped by a transient CRM failure, "
-                                f"e.g. profile {stuck[0]['id']}: {error}")
+                                f"e.g. profile {pid}: {position.detail.get('error')}")
     summary["retries_exhausted"] = True
 
 
@@ -297,4 +325,4 @@ def _sync_report(report: SyncReport) -> dict[str, Any]:
 
 #: The default app, for ``celery -A crm_states.celery_tasks worker``; building it connects to nothing.
 app = make_app()
-run_signup, validate_chunk, sync_sustainers = register_tasks(app)
+run_signup, validate_chunk, sync_sustainers, heal = register_tasks(app)

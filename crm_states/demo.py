@@ -16,14 +16,16 @@ from pymongo.errors import OperationFailure
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
-from .api import CrmStates
+from .api import MACHINES, CrmStates
 from .crm.http import RetryPolicy
 from .crm.salesforce import SalesforceConnectionManager, SalesforceSchema, TokenCache
 from .journal import replay_file
+from .leases import LEASES
 from .records import START
 from .report import print_counts
-from .testing.salesforce import FakeSalesforce
 from .runner import Progress, RunnerConfig, ValidationRunner
+from .store import POSITIONS
+from .testing.salesforce import FakeSalesforce
 from .testing.server import Fault, Faults
 
 MARKER = "crm_states_demo"
@@ -43,7 +45,7 @@ def reset(db: Database) -> None:
     if db.profiles.estimated_document_count() and db[MARKER].estimated_document_count() == 0:
         raise DemoRefused(f"database {db.name!r} has profiles that the demo did not create; "
                           "point --db at an empty database")
-    for name in ("profiles", "crm_transitions", MARKER):
+    for name in ("profiles", POSITIONS, LEASES, MARKER):
         db.drop_collection(name)
     db[MARKER].insert_one({"created": True})
 
@@ -63,17 +65,47 @@ def synthetic_profiles(count: int, rng: random.Random) -> list[dict[str, Any]]:
 
 
 def _outage(db: Database, on: bool) -> bool:
-    """A database outage through a fail point: after the next insert, every insert fails."""
+    """A database outage through a fail point: after the next write (the batch's write-ahead commit),
+    every write fails, until it is turned off."""
     try:
         if on:
             db.client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                                     "data": {"failCommands": ["insert"], "errorCode": 6,
+                                     "data": {"failCommands": ["update"], "errorCode": 6,
                                               "errmsg": "demo: database outage"}})
         else:
             db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
         return True
     except OperationFailure:  # a real MongoDB without test commands: no outage window then
         return False
+
+
+class SignupProgress:
+    """The signup phase's progress: a tqdm bar on a terminal (as the validation phase has), else a line at
+    every tenth of the users."""
+
+    def __init__(self, total: int, stream: TextIO | None) -> None:
+        self.total, self.stream, self.done, self.shown = total, stream, 0, 0
+        self.states: Counter[str] = Counter()
+        self.bar = None
+        if stream is not None and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="signup", file=stream, dynamic_ncols=True)
+
+    def update(self, results: list[Any]) -> None:
+        self.done += len(results)
+        self.states.update(r.state or "not started" for r in results)
+        states = ", ".join(f"{state} {n}" for state, n in sorted(self.states.items()))
+        if self.bar is not None:
+            self.bar.update(len(results))
+            self.bar.set_postfix_str(states, refresh=False)
+        elif self.stream is not None and (self.done * 10 // max(self.total, 1) > self.shown or self.done == self.total):
+            self.shown = self.done * 10 // max(self.total, 1)
+            print(f"signed up {self.done}/{self.total} new users; {states}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out: TextIO,
@@ -114,15 +146,17 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
         batches = [new_users[i:i + size] for i in range(0, len(new_users), size)]
         # The journal file gets every entry; the demo keeps its hundred JSON log lines off the screen.
         logging.getLogger("crm_states.journal").setLevel(logging.CRITICAL)
+        bar = SignupProgress(len(new_users), progress)
         for index, batch in enumerate(batches):
             if index == 0:
                 fake.inject(Fault.error(503), times=4, kind="upsert")  # one signup fails past the retry budget
             outage = index == min(1, len(batches) - 1) and _outage(db, True)
             try:
-                engine.drive([engine.prepare(doc) for doc in batch])
+                bar.update(engine.drive(engine.prepare_all(batch)))
             finally:
                 if outage:
                     _outage(db, False)
+        bar.close()
         served = dict(fake.counts)
 
     print(f"\nValidation: {validation.processed} profiles in {validation.seconds:.1f}s "
@@ -130,10 +164,11 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
     print("Fake Salesforce served " + ", ".join(f"{n} {kind}" for kind, n in sorted(served.items()) if n)
           + " requests.", file=out)
     if journal_path.exists():
-        replayed = replay_file(app.store, journal_path)
+        replayed = replay_file(app.store, journal_path, machines=MACHINES)
         print(f"{replayed.entries} signups met the database outage; their results were journaled to {journal_path} "
-              f"and replaying it restored {replayed.applied} (crm-states replay {journal_path} does the same).",
-              file=out)
+              f"and replaying it restored {replayed.applied} (crm-states replay {journal_path} does the same). "
+              f"They stay in LoggedDbFailure until `crm-states resume --machine {signup.NAME} --state LoggedDbFailure` "
+              f"records them.", file=out)
     _print_paths(app, docs, out)
     print("", file=out)
     print_counts(db, out)
@@ -144,10 +179,11 @@ def run_demo(db: Database, *, profiles: int, seed: int, journal_path: Path, out:
 
 def _print_paths(app: CrmStates, docs: list[dict[str, Any]], out: TextIO) -> None:
     """Each profile's path when there are few, else each distinct path with how many took it. Paths come
-    from one pass over the transitions (the demo's own, small database), not a walk per profile."""
+    from one pass over the positions and their histories (the demo's own, small database)."""
     steps: dict[tuple[str, int], list[tuple[int, str]]] = {}
-    for t in app.store.transitions.find({}, {"_id": 0, "profile_id": 1, "machine": 1, "seq": 1, "dest": 1}):
-        steps.setdefault((t["machine"], t["profile_id"]), []).append((t["seq"], t["dest"]))
+    for doc in app.store.positions.find({}, {"_id": 0, "profile_id": 1, "machine": 1, "history.seq": 1,
+                                             "history.dest": 1}):
+        steps[(doc["machine"], doc["profile_id"])] = [(t["seq"], t["dest"]) for t in doc.get("history") or ()]
     paths: Counter[tuple[str, str]] = Counter()
     lines = []
     for doc in docs:

@@ -1,248 +1,70 @@
-"""The engine: a diagram plus bindings becomes one shared ``transitions`` machine, and runs of profiles
-are driven through it with every transition persisted.
-
-A binding says what a state does:
-
-- ``Act``: an effect that decides the next state (a CRM request when ``external``, else a local check);
-  ``write_ahead`` when the effect is a CRM write that must not happen unrecorded.
-  Effects take a batch of runs, so a batch runner can make one CRM call for a thousand profiles.
-- ``Write``: the state's effect is a DB write, with a success edge and a DB-failure edge.
+"""The engine: runs of profiles driven through a machine (``spec.StateMachine``) with every transition
+persisted by the ``Store``.
 
 Persistence is write-ahead: pending transitions are committed before a ``write_ahead`` effect runs and
 when a run stops, so a crash never leaves a CRM side effect unrecorded (a read, such as a lookup, is
-simply asked again after a crash, so its transitions are committed with the outcome, in one write). A ``Write`` state's data is
-committed together with its success transition; if MongoDB refuses it, the run takes the failure edge
-and the intended write goes to the journal. The engine knows no CRM and no collection names.
+simply asked again after a crash, so its transitions are committed with the outcome, in one write). A
+``Write`` state's data is committed together with its success transition; if MongoDB refuses it, the run
+takes the failure edge and the intended write goes to the journal.
+
+At most one CRM write per intended write, whoever drives it: committing a transition into a write-ahead
+state takes the run's fenced claim (on the database's clock), and only the run that took it sends. A
+driver that meets a write-ahead state claimed by another never sends: while the claim lives it reports
+``claimed``; once the claim expired, or its holder is provably gone, it takes the claim over (a
+compare-and-set) and calls the act's ``adopt``, which decides from reads (did the request land?) or ends
+in the act's error state with "outcome unknown". The engine knows no CRM and no collection names.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import attrs
-from transitions import Machine
-
+from . import metrics, owners
 from .journal import Journal, JournalEntry
-from .mermaid import Diagram, read_diagram
-from .records import START, Position, ProfileWrite, Transition, new_run_id, utcnow
-from .store import ConcurrentTransition, Step, Store, StoreError, position_of
+from .logs import fields
+from .records import START, Claim, Position, ProfileWrite, Transition, iso, new_run_id, utcnow
+from .spec import (Act, Binding, BindingError, Halt, Outcome, Run, RunResult, StateMachine, Write, describe, each,
+                   trigger_name)
+from .store import ConcurrentTransition, InputChanged, ProfileGone, Step, Store, StoreError
+
+__all__ = ["Engine", "Act", "Write", "Outcome", "Run", "RunResult", "StateMachine", "Binding", "BindingError",
+           "Halt", "each", "describe", "trigger_name"]
 
 log = logging.getLogger("crm_states.engine")
 
-
-class BindingError(ValueError):
-    """Bindings and diagram disagree; raised when a machine module is imported."""
-
-
-class Halt(Exception):
-    """Raised by an effect to stop the whole batch (say, the CRM's daily allocation is spent).
-    Runs stay where they were persisted and continue on the next drive."""
-
-
-@attrs.frozen
-class Outcome:
-    """What an ``Act`` effect decided for one run: the next state and what to record about it."""
-
-    dest: str
-    detail: Mapping[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class Act:
-    """``effect(runs, context)`` returns one ``Outcome`` per run; ``context`` is what the ``Engine``
-    was given (the CRM, for the project's machines). An exception sends every run to ``on_error``.
-    ``write_ahead``: the effect changes the CRM, so the run's transitions are persisted before it runs."""
-
-    effect: Callable[[Sequence["Run"], Any], Sequence[Outcome]]
-    dests: frozenset[str]
-    on_error: str | None = None
-    external: bool = True
-    write_ahead: bool = False
-
-
-@attrs.frozen
-class Write:
-    """``write(run, at)`` returns the profile write committed with the ``success`` transition."""
-
-    write: Callable[["Run", Any], ProfileWrite]
-    success: str
-    failure: str
-
-
-def each(fn: Callable[["Run", Any], Outcome],
-         on_error: str | None = None) -> Callable[[Sequence["Run"], Any], list[Outcome]]:
-    """A batch effect from a one-run function; an exception sends only that run to ``on_error``
-    (without one, it propagates and the engine applies the ``Act``'s own ``on_error``)."""
-
-    def effect(runs: Sequence[Run], context: Any) -> list[Outcome]:
-        outcomes = []
-        for run in runs:
-            try:
-                outcomes.append(fn(run, context))
-            except Halt:
-                raise
-            except Exception as exc:
-                if on_error is None:
-                    raise
-                outcomes.append(Outcome(on_error, {"error": describe(exc)}))
-        return outcomes
-
-    return effect
-
-
-Binding = Act | Write
-
-
-@attrs.define(eq=False)
-class Run:
-    """One profile's pass through a machine; the model object of the shared ``transitions`` machine."""
-
-    profile_id: int
-    profile: Mapping[str, Any]
-    position: Position
-    run_id: str
-    state: str
-    detail: Mapping[str, Any] = attrs.field(factory=dict)
-    prior: Mapping[str, Any] = attrs.field(factory=dict)
-    inputs: Mapping[str, Any] = attrs.field(factory=dict)
-    pending: list[Transition] = attrs.field(factory=list)
-    token: str = attrs.field(factory=lambda: uuid.uuid4().hex)
-    result: "RunResult | None" = None
-
-
-@attrs.frozen
-class RunResult:
-    """How a run ended: ``finished`` in ``state``; ``interrupted`` (the store was down before anything
-    could be decided, the profile stays at ``state``); ``conflict`` (another writer moved it);
-    ``halted`` (an effect stopped the batch). ``journaled``: the run's DB failure went to the journal."""
-
-    profile_id: int
-    state: str | None
-    outcome: str
-    error: str | None = None
-    journaled: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome == "finished"
-
-
-def trigger_name(label: str | None, dest: str) -> str:
-    """A Python-identifier trigger from an edge label: "DB write success" -> ``db_write_success``,
-    "200 OK" -> ``on_200_ok``; an unlabelled edge -> ``to_<Dest>``."""
-    if not label:
-        return f"to_{dest}"
-    slug = re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
-    return slug if slug and not slug[0].isdigit() else f"on_{slug}"
-
-
-class StateMachine:
-    """A diagram, its bindings, and the one ``transitions.Machine`` shared by every run of it."""
-
-    def __init__(self, diagram: Diagram, bindings: Mapping[str, Binding]) -> None:
-        self.diagram = diagram
-        self.name = diagram.name
-        self.bindings = dict(bindings)
-        self.terminal = diagram.terminal_states
-        self.triggers: dict[tuple[str, str], str] = {}
-        for edge in diagram.edges:
-            name = trigger_name(edge.label, edge.dest)
-            clash = [d for (s, d), t in self.triggers.items() if s == edge.source and t == name]
-            if clash:
-                raise BindingError(f"{diagram.name}: edges {edge.source} --> {clash[0]} and {edge.source} --> "
-                                   f"{edge.dest} would share the trigger {name!r}")
-            self.triggers[(edge.source, edge.dest)] = name
-        _check_bindings(diagram, self.bindings)
-        self.db_failure_states = frozenset(b.failure for b in self.bindings.values() if isinstance(b, Write))
-        self.machine = Machine(
-            model=None,
-            states=list(diagram.states),
-            transitions=[{"trigger": t, "source": s, "dest": d} for (s, d), t in self.triggers.items()],
-            initial=diagram.initial,
-            auto_transitions=False,
-            send_event=True,
-            after_state_change=self._record,
-        )
-
-    @classmethod
-    def from_file(cls, path: str | Path, bindings: Mapping[str, Binding]) -> StateMachine:
-        return cls(read_diagram(path), bindings)
-
-    def _record(self, event: Any) -> None:
-        """Every state change the machine makes becomes a pending ``Transition`` of its run."""
-        run: Run = event.model
-        seq = run.pending[-1].seq if run.pending else run.position.seq
-        kwargs = event.kwargs
-        run.pending.append(Transition(
-            profile_id=run.profile_id, machine=self.name, run_id=run.run_id, seq=seq + 1,
-            source=event.transition.source, dest=event.transition.dest, trigger=event.event.name,
-            at=kwargs["at"], detail=dict(kwargs.get("detail") or {}), write=kwargs.get("write"), by=run.token))
-        run.detail = dict(kwargs.get("detail") or {})
-
-    def fire(self, run: Run, dest: str, at: Any, detail: Mapping[str, Any] | None = None,
-             write: ProfileWrite | None = None) -> None:
-        trigger = self.triggers.get((run.state, dest))
-        if trigger is None:
-            raise BindingError(f"{self.name}: no edge {run.state} --> {dest}")
-        # Runs are not registered with the machine (add_model binds a dozen methods per object and
-        # would dominate the cost of a run); the shared machine's events drive them directly.
-        self.machine.events[trigger].trigger(run, at=at, detail=detail or {}, write=write)
-
-
-def _check_bindings(diagram: Diagram, bindings: Mapping[str, Binding]) -> None:
-    problems: list[str] = []
-    states = set(diagram.states)
-    edges = diagram.edge_set
-    covered: set[tuple[str, str]] = set()
-    for state, binding in bindings.items():
-        if state not in states:
-            problems.append(f"binding for unknown state {state!r}")
-            continue
-        if state in diagram.terminal_states:
-            problems.append(f"binding for terminal state {state!r} (it has no outgoing edge)")
-        if isinstance(binding, Act):
-            dests = set(binding.dests) | ({binding.on_error} if binding.on_error else set())
-        else:
-            dests = {binding.success, binding.failure}
-        for dest in sorted(dests):
-            if (state, dest) not in edges:
-                problems.append(f"binding names edge {state} --> {dest}, which the diagram lacks")
-            covered.add((state, dest))
-    for state in diagram.states:
-        if state not in diagram.terminal_states and state not in bindings:
-            problems.append(f"state {state!r} has outgoing edges but no binding")
-    for source, dest in sorted(edges - covered):
-        if source in bindings:
-            problems.append(f"edge {source} --> {dest} is never taken by its binding")
-    if problems:
-        raise BindingError(f"{diagram.name}: " + "; ".join(problems))
+#: How long a claim on a write-ahead state lasts: longer than any CRM write takes with its retries and the
+#: create's settle window, so that a live driver never loses it mid-request.
+CLAIM_SECONDS = 300.0
 
 
 class Engine:
     """Drives runs of one ``StateMachine`` with a ``Store`` and a ``Journal``."""
 
     def __init__(self, spec: StateMachine, store: Store, journal: Journal | None = None, *,
-                 context: Any = None, clock: Callable[[], Any] = utcnow) -> None:
+                 context: Any = None, clock: Callable[[], Any] = utcnow, claim_seconds: float = CLAIM_SECONDS,
+                 holder: owners.Holder | None = None) -> None:
         self.spec = spec
         self.store = store
         self.journal = journal or Journal()
         self.context = context
         self.clock = clock
+        self.claim_seconds = claim_seconds
+        self.holder = holder or owners.Holder.me()
 
     # --- preparing runs -----------------------------------------------------------------------
-    def prepare(self, profile: Mapping[str, Any], *, restart: bool = False,
+    def prepare(self, profile: Mapping[str, Any], position: Position | None = None, *, restart: bool = False,
                 inputs: Mapping[str, Any] | None = None) -> Run:
-        """A run for ``profile``: new when it never started (or, with ``restart``, stopped in a
-        terminal state), continued when a previous run stopped half-way (a crash, an outage)."""
-        position = position_of(profile, self.spec.name)
+        """A run for ``profile`` (a document with at least ``id``) from ``position`` (read from the store
+        when not given): new when it never started (or, with ``restart``, stopped in a terminal state),
+        continued when a previous run stopped half-way (a crash, an outage)."""
+        if position is None:
+            position = self.store.position(profile["id"], self.spec.name)
         run = Run(profile_id=profile["id"], profile=profile, position=position, run_id=position.run_id or "",
                   state=position.state or self.spec.diagram.initial, detail=dict(position.detail),
                   inputs=dict(inputs or {}))
+        run.holds_claim = position.claim is not None and position.claim.by == run.token
         if position.state is None or (restart and position.state in self.spec.terminal):
             run.run_id = new_run_id(run.profile_id, position.seq + 1)
             run.prior = dict(position.detail) if position.state else {}
@@ -254,6 +76,12 @@ class Engine:
         elif position.state in self.spec.terminal:
             run.result = RunResult(run.profile_id, position.state, "finished")
         return run
+
+    def prepare_all(self, profiles: Sequence[Mapping[str, Any]], *, restart: bool = False,
+                    inputs: Mapping[str, Any] | None = None) -> list[Run]:
+        """Runs for many profiles, their positions read in one query."""
+        positions = self.store.positions_of(self.spec.name, [p["id"] for p in profiles])
+        return [self.prepare(p, positions.get(p["id"], Position()), restart=restart, inputs=inputs) for p in profiles]
 
     # --- driving ------------------------------------------------------------------------------
     def drive(self, runs: Sequence[Run]) -> list[RunResult]:
@@ -277,11 +105,18 @@ class Engine:
                 for run in active:
                     if run.result is None:
                         run.result = RunResult(run.profile_id, run.position.state, "halted", str(halt))
+                        self._release(run)
             active = [r for r in active if r.result is None]
         return [r.result for r in runs]  # type: ignore[misc]
 
+    def _release(self, run: Run) -> None:
+        """A halted run at a write-ahead state did not send (the CRM refused before acting): let it go."""
+        if run.holds_claim and self._writes_ahead(run) and not run.pending:
+            self.store.release(run.profile_id, self.spec.name, run.position.seq, run.token)
+            run.holds_claim = False
+
     def _writes_ahead(self, run: Run) -> bool:
-        binding = self.spec.bindings[run.state]
+        binding = self.spec.bindings.get(run.state)
         return isinstance(binding, Act) and binding.write_ahead
 
     def _advance_locally(self, run: Run) -> None:
@@ -299,8 +134,24 @@ class Engine:
     def _act(self, state: str, batch: list[Run]) -> None:
         binding = self.spec.bindings[state]
         assert isinstance(binding, Act)
+        groups: list[tuple[Callable[[Sequence[Run], Any], Sequence[Outcome]], list[Run]]] = []
+        if binding.write_ahead:
+            for run in batch:
+                if not run.holds_claim:
+                    self._take_over(run)
+            own = [run for run in batch if run.holds_claim and run.adopted is None]
+            adopted = [run for run in batch if run.holds_claim and run.adopted is not None]
+            groups = [(binding.effect, own), (binding.adopt or _unknown_outcome(binding), adopted)]
+        else:
+            groups = [(binding.effect, batch)]
+        for effect, runs in groups:
+            if runs:
+                self._apply(state, binding, effect, runs)
+
+    def _apply(self, state: str, binding: Act, effect: Callable[[Sequence[Run], Any], Sequence[Outcome]],
+               batch: list[Run]) -> None:
         try:
-            outcomes = list(binding.effect(batch, self.context))
+            outcomes = list(effect(batch, self.context))
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"effect of {state} returned {len(outcomes)} outcomes for {len(batch)} runs")
         except Halt:
@@ -320,26 +171,56 @@ class Engine:
                 continue
             self.spec.fire(run, dest, at, outcome.detail)
 
+    def _take_over(self, run: Run) -> bool:
+        """A run met at a write-ahead state it did not claim. A released claim (its holder knew nothing was
+        sent) is taken and the run goes on as usual; an expired one, or one whose holder is provably gone, is
+        taken over and ``adopted`` is set (that request may have gone out); a live one ends the run as
+        ``claimed``, nothing sent."""
+        claim = run.position.claim
+        dead = claim is not None and owners.gone(claim.owner)
+        mine = {"by": run.token, "owner": self.holder.key, "seconds": self.claim_seconds}
+        taken = self.store.take_over(run.profile_id, self.spec.name, run.position, mine,
+                                     from_holder=claim.by if dead and claim is not None else None)
+        if taken is not None:
+            run.position, run.holds_claim = taken, True
+            if claim is not None:
+                run.adopted = "dead" if dead else "expired"
+                log.warning("profile %s %s: taking over the unfinished %s of another driver (%s)", run.profile_id,
+                            self.spec.name, run.state, "process gone" if dead else "claim expired")
+            return True
+        now = self.store.position(run.profile_id, self.spec.name)
+        if now.seq != run.position.seq:
+            run.result = RunResult(run.profile_id, now.state, "conflict", f"moved to {now.state} by another driver")
+        else:
+            run.result = RunResult(run.profile_id, run.position.state, "claimed", _held(now.claim))
+        return False
+
     # --- persistence --------------------------------------------------------------------------
     def _flush(self, runs: Iterable[Run]) -> None:
         """Commit every run's pending transitions; route DB failures along the diagram."""
         batch = [r for r in runs if r.pending and r.result is None]
         if not batch:
             return
-        errors = self.store.commit([_step(r) for r in batch])
+        steps = [self._step(r) for r in batch]
+        errors = self.store.commit(steps)
         retry: list[Run] = []
-        for run, error in zip(batch, errors):
+        for run, step, error in zip(batch, steps, errors):
             if error is None:
-                self._persisted(run)
+                self._persisted(run, step)
             elif isinstance(error, ConcurrentTransition):
                 self._conflict(run, error)
+            elif isinstance(error, (InputChanged, ProfileGone)):
+                outcome = "changed" if isinstance(error, InputChanged) else "deleted"
+                run.result = RunResult(run.profile_id, run.position.state, outcome, str(error))
+                run.pending.clear()
             elif self._take_failure_edge(run, error):
                 retry.append(run)
             else:
                 self._interrupted(run, error)
         if retry:
-            errors = self.store.commit([_step(r) for r in retry])
-            for run, error in zip(retry, errors):
+            steps = [self._step(r) for r in retry]
+            errors = self.store.commit(steps)
+            for run, step, error in zip(retry, steps, errors):
                 persisted = error is None
                 if isinstance(error, ConcurrentTransition):
                     self._conflict(run, error)
@@ -349,13 +230,19 @@ class Engine:
                     write=_intended(run), error=run.detail.get("error", ""),
                     persisted=persisted))
                 if persisted:
-                    self._persisted(run)
-                run.result = RunResult(run.profile_id, run.state, "finished", run.detail.get("error"), journaled=True)
+                    self._persisted(run, step)
+                run.result = RunResult(run.profile_id, run.state, "finished", run.detail.get("error"), journaled=True,
+                                       persisted=persisted)
                 run.pending.clear()
 
-    def _persisted(self, run: Run) -> None:
-        last = run.pending[-1]
-        run.position = Position(last.dest, last.run_id, last.seq, dict(last.detail))
+    def _step(self, run: Run) -> Step:
+        claim = ({"by": run.token, "owner": self.holder.key, "seconds": self.claim_seconds}
+                 if self._writes_ahead(run) else None)
+        return Step(run.profile_id, self.spec.name, run.position, tuple(run.pending), claim)
+
+    def _persisted(self, run: Run, step: Step) -> None:
+        run.position = step.after()
+        run.holds_claim = step.claim is not None
         run.pending.clear()
 
     def _take_failure_edge(self, run: Run, error: StoreError) -> bool:
@@ -371,35 +258,51 @@ class Engine:
                           "error": f"DB write failed: {error}"[:300],
                           "intended": intended.to_doc() if intended else None}
                 self.spec.fire(run, binding.failure, self.clock(), detail)
+                metrics.db_failure_transition(self.spec.name, binding.failure)
                 return True
         return False
 
     def _interrupted(self, run: Run, error: StoreError) -> None:
         log.warning("profile %s %s: not persisted, stays at %s: %s", run.profile_id, self.spec.name,
-                    run.position.state, error)
+                    run.position.state, error, extra=fields(machine=self.spec.name, profile_id=run.profile_id,
+                                                            state=run.position.state, outcome="interrupted",
+                                                            error_class=type(error).__name__))
         run.result = RunResult(run.profile_id, run.position.state, "interrupted", str(error)[:300])
         run.pending.clear()
 
     def _conflict(self, run: Run, error: ConcurrentTransition) -> None:
         """Another writer took the slot. If that writer was this run itself (a write whose answer was
-        lost, then rolled forward), adopt the settled position and go on; otherwise stop the run."""
+        lost), adopt the persisted position and go on; otherwise stop the run."""
         run.pending.clear()
         if error.by == run.token and error.position.state is not None:
             run.position = error.position
             run.detail = dict(error.position.detail)
+            run.holds_claim = error.position.claim is not None and error.position.claim.by == run.token
             self.spec.machine.set_state(error.position.state, run)
             return
         run.result = RunResult(run.profile_id, error.position.state, "conflict", str(error))
-
-
-def _step(run: Run) -> Step:
-    return Step(run.profile_id, run.pending[0].machine, run.position, tuple(run.pending))
 
 
 def _intended(run: Run) -> ProfileWrite | None:
     return ProfileWrite.from_doc(run.detail.get("intended"))
 
 
-def describe(exc: BaseException) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= 300 else text[:299] + "…"
+def _held(claim: Claim | None) -> str:
+    if claim is None:
+        return "another driver holds this run"
+    holder = owners.Holder.parse(claim.owner)
+    who = f"{holder.host} pid {holder.pid}" if holder else "another driver"
+    since = f" since {iso(claim.at)}" if claim.at else ""
+    return f"{who} holds this run{since} for {claim.seconds:g}s: nothing sent"
+
+
+def _unknown_outcome(binding: Act) -> Callable[[Sequence[Run], Any], list[Outcome]]:
+    """The default ``adopt``: the request may or may not have reached the CRM, so nothing is sent and the
+    run ends in the act's error state saying so (a resume asks again)."""
+
+    def adopt(runs: Sequence[Run], context: Any) -> list[Outcome]:
+        return [Outcome(binding.on_error or "", {**run.detail, "outcome_unknown": True, "error": (
+            f"outcome unknown: the driver that claimed this request ({'process gone' if run.adopted == 'dead' else 'claim expired'}) "
+            "did not record an answer; it may or may not have reached the CRM")}) for run in runs]
+
+    return adopt

@@ -2,71 +2,41 @@
 the same profiles at once.
 
 Ranges have a fixed width per machine and chunk size, stored once in ``crm_leases`` (the first runner
-picks it from the id density), so every runner with that chunk size cuts the id space the same way. A lease is one document per range;
-it expires, and a lease whose owner process is gone from this host is taken over at once, so a runner
-killed with SIGKILL and started again does not wait for the expiry.
+picks it from the id density), so every runner with that chunk size cuts the id space the same way. A lease
+is one document per range. Its time is the database's clock: a lease is stamped with the server's time
+(``$currentDate``, ``hello.localTime``) and judged against it, so a runner whose own clock is skewed neither
+steals a live lease nor keeps a dead one. A lease whose holder is provably gone (``owners``: same host, boot and PID namespace,
+no such process) is taken over at once, so a runner killed with SIGKILL and started again does not wait for
+the expiry; a holder on another host or in another container is waited out.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
-import socket
-import uuid
+from typing import Any
 
-import attrs
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from .records import utcnow
+from . import owners
 
 LEASES = "crm_leases"
 log = logging.getLogger("crm_states.leases")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@attrs.frozen
-class Owner:
-    host: str
-    pid: int
-    token: str
-
-    @classmethod
-    def me(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:12])
-
-    @property
-    def key(self) -> str:
-        return f"{self.host}:{self.pid}:{self.token}"
-
-    @staticmethod
-    def gone(key: str) -> bool:
-        """True when ``key`` names a process on this host that no longer runs."""
-        host, _, rest = key.partition(":")
-        pid = rest.partition(":")[0]
-        return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-
-
 class RangeLeases:
-    """Leases on id ranges ``[k * width, (k + 1) * width)`` of one machine."""
+    """Leases on id ranges ``[base + k * width, base + (k + 1) * width)`` of one machine."""
 
     def __init__(self, collection: Collection, machine: str, *, seconds: float = 300.0,
-                 owner: Owner | None = None) -> None:
+                 holder: owners.Holder | None = None) -> None:
+        if not seconds > 0 or seconds == float("inf"):
+            raise ValueError(f"lease seconds must be a positive number, got {seconds!r}")
         self.collection = collection
         self.machine = machine
-        self.seconds = seconds
-        self.owner = owner or Owner.me()
+        self.seconds = float(seconds)
+        self.holder = holder or owners.Holder.me()
         self.prefix = machine
 
     def agree_ranges(self, chunk_size: int, base: int, width: int) -> tuple[int, int]:
@@ -81,47 +51,65 @@ class RangeLeases:
         self.prefix = f"{self.machine}:{doc['base']}:{doc['width']}"
         return int(doc["base"]), int(doc["width"])
 
+    def _key(self, index: int) -> str:
+        return f"{self.prefix}:{index}"
+
     def claim(self, index: int) -> bool:
-        """Take range ``index`` if it is free, expired, ours, or held by a dead process here."""
-        key = f"{self.prefix}:{index}"
-        now = utcnow()
-        until = now + dt.timedelta(seconds=self.seconds)
-        mine = {"owner": self.owner.key, "until": until}
-        try:
-            self.collection.insert_one({"_id": key, **mine})
-            return True
-        except DuplicateKeyError:
-            pass
-        current = self.collection.find_one({"_id": key}) or {}
+        """Take range ``index`` if it is free, ours, expired on the database's clock, or held by a
+        provably gone process. Every change is a compare-and-set on the lease as read."""
+        key, me = self._key(index), self.holder.key
+        current = self.collection.find_one({"_id": key})
+        if current is None:
+            try:
+                self.collection.insert_one({"_id": key, "owner": me, "seconds": self.seconds, "at": self._now()})
+                return True
+            except DuplicateKeyError:  # another runner took it between the read and the insert
+                return False
         holder = current.get("owner", "")
-        expired = current.get("until") is not None and _aware(current["until"]) < now
-        if holder != self.owner.key and not expired and not Owner.gone(holder):
+        if holder != me and not self._expired(current) and not owners.gone(holder):
             return False
-        result = self.collection.update_one({"_id": key, "owner": holder}, {"$set": mine})
-        return result.modified_count == 1
+        taken = self.collection.update_one({"_id": key, "owner": holder, "at": current.get("at")},
+                                           {"$set": {"owner": me, "seconds": self.seconds},
+                                            "$currentDate": {"at": True}})
+        return taken.modified_count == 1
+
+    def _now(self) -> dt.datetime:
+        """The database's clock (``hello.localTime``, naive UTC as pymongo returns dates)."""
+        return self.collection.database.command("hello")["localTime"]
+
+    def _expired(self, lease: dict[str, Any]) -> bool:
+        at = lease.get("at")
+        return at is None or (self._now() - at).total_seconds() > float(lease.get("seconds") or 0)
+
+    def renew(self, index: int) -> bool:
+        """Extend our lease on ``index``; False when it is no longer ours (a pause outlived it and another
+        runner took it): then this runner must not work on the range, nor count its profiles."""
+        try:
+            result = self.collection.update_one({"_id": self._key(index), "owner": self.holder.key},
+                                                {"$currentDate": {"at": True}})
+        except PyMongoError as exc:
+            log.warning("could not renew lease %s (%s)", self._key(index), type(exc).__name__)
+            return False
+        return result.matched_count == 1
 
     def prune(self) -> int:
-        """Delete the leases of these ranges that expired or whose owner died on this host (a runner
-        killed with SIGKILL never releases them); returns how many. They block nothing, but they would
-        pile up in ``crm_leases`` and look like work in progress."""
-        now = utcnow()
-        stale = [(doc["_id"], doc["owner"])
+        """Delete the leases of these ranges that expired on the database's clock or whose holder is
+        provably gone (a runner killed with SIGKILL never releases them); returns how many. They block
+        nothing, but they would pile up in ``crm_leases`` and look like work in progress."""
+        stale = [(doc["_id"], doc["owner"], doc.get("at"))
                  for doc in self.collection.find({"_id": {"$regex": f"^{re.escape(self.prefix)}:"},
                                                   "owner": {"$exists": True}})
-                 if (doc.get("until") is not None and _aware(doc["until"]) < now) or Owner.gone(doc["owner"])]
-        for key, holder in stale:  # only if the same holder still has it: a takeover meanwhile is kept
-            self.collection.delete_one({"_id": key, "owner": holder})
-        return len(stale)
+                 if self._expired(doc) or owners.gone(doc["owner"])]
+        removed = 0
+        for key, holder, at in stale:  # only if the same holder still has it: a takeover meanwhile is kept
+            removed += self.collection.delete_one({"_id": key, "owner": holder, "at": at}).deleted_count
+        return removed
 
     def release(self, index: int) -> None:
         """Give the range back. If the database cannot be reached the lease is left to expire (or to be
         pruned): the range's work is done either way, and failing here would lose nothing but the run."""
         try:
-            self.collection.delete_one({"_id": f"{self.prefix}:{index}", "owner": self.owner.key})
+            self.collection.delete_one({"_id": self._key(index), "owner": self.holder.key})
         except PyMongoError as exc:
-            log.warning("could not release lease %s:%s (%s); it expires in %gs", self.prefix, index,
+            log.warning("could not release lease %s (%s); it expires in %gs", self._key(index),
                         type(exc).__name__, self.seconds)
-
-
-def _aware(at: dt.datetime) -> dt.datetime:
-    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)

@@ -7,8 +7,9 @@
 - ``--state S --csv FILE``: the profiles now in S, streamed from a cursor into a CSV (``-``: stdout);
 - ``--mermaid``: the machine's ``stateDiagram-v2`` with each state's count in its label.
 
-The counts and times come from ONE aggregation per machine over ``profiles`` (``$group`` by
-``crm_state.<machine>.state``); no profile is loaded into memory except one at a time for the CSV.
+The counts and times come from ONE aggregation per machine over the project's ``crm_positions``
+(``$group`` by state, on the (machine, state, at) index); the CSV streams the profiles of a state in
+batches, joining each batch with Sefaria's ``profiles`` by one ``$in`` read.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pymongo.database import Database
 from .api import MACHINES
 from .engine import StateMachine
 from .records import iso
-from .store import Store, state_field
+from .store import Store, heal
 
 # --- kinds of states --------------------------------------------------------------------------------
 FINAL = "final"  # the diagram's happy end (an edge to [*])
@@ -34,14 +35,16 @@ STOPPED = "stopped"  # a terminal state that is not final: a failure someone has
 DB_FAILURE = "db failure"  # a Write state's failure edge: the intended write is in the journal
 INTERMEDIATE = "intermediate"  # has outgoing edges: a profile here is a run stopped half-way
 UNKNOWN = "not in diagram"  # in the database but not in today's diagram (renamed or removed state)
+FAILURE_KINDS = frozenset({STOPPED, DB_FAILURE})  # what an operator has to act on
 
 #: Handling of each failure state, quoted or closely paraphrased from the design document (CRM.md,
 #: 'Handling "Failure States"'), with the command of this project that does the step.
 NOTES: Mapping[str, Mapping[str, str]] = {
     "nb_profile_validation": {
         "ScriptFailureLogged":
-            "The script to validate users did not complete. Debug errors (crm_state.nb_profile_validation."
-            "detail.error holds the error) and re-run the script: `crm-states resume --machine "
+            "The script to validate users did not complete. Debug errors (the position's detail.error holds "
+            "the error: `crm-states report --machine nb_profile_validation --state ScriptFailureLogged --csv -`) "
+            "and re-run the script: `crm-states resume --machine "
             "nb_profile_validation --state ScriptFailureLogged`.",
         "DbWriteOkErrorLogged":
             "The user was found in Salesforce but there was an issue writing data to the database. Manually "
@@ -191,11 +194,7 @@ def collect(db: Database, machines: Iterable[str] | None = None) -> dict[str, li
     result: dict[str, list[StateRow]] = {}
     for name in (list(machines) if machines is not None else list(MACHINES)):
         spec = MACHINES[name]
-        field = state_field(name)
-        pipeline = [{"$match": {f"{field}.state": {"$exists": True}}},
-                    {"$group": {"_id": f"${field}.state", "count": {"$sum": 1},
-                                "oldest": {"$min": f"${field}.at"}, "newest": {"$max": f"${field}.at"}}}]
-        found = {row["_id"]: row for row in store.profiles.aggregate(pipeline)}
+        found = store.state_summary(name)
         extra = sorted((s for s in found if s not in spec.diagram.states), key=str)
         rows = []
         for state in [*spec.diagram.states, *extra]:
@@ -209,10 +208,22 @@ def collect(db: Database, machines: Iterable[str] | None = None) -> dict[str, li
 
 
 # --- the three outputs ------------------------------------------------------------------------------
-def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
+#: The text report's column headers, over the columns of its rows.
+TEXT_HEADER = f"  {'state':<30} {'count':>8}  {'kind':<14}  since (oldest .. newest entry)"
+
+
+def drift_counts(db: Database, machines: Iterable[str] | None = None) -> dict[str, int]:
+    """Per machine, the profiles whose data drifted (``crm-states heal --dry-run``: a read)."""
+    names = list(machines) if machines is not None else list(MACHINES)
+    report = heal(Store(db), list(MACHINES), only=names, dry_run=True)
+    return {name: report.drifted[name] for name in names}
+
+
+def write_text(data: Mapping[str, list[StateRow]], out: TextIO, drift: Mapping[str, int] | None = None) -> None:
     for name, rows in data.items():
         total = sum(r.count for r in rows)
         print(f"{name} ({total} profiles)", file=out)
+        print(TEXT_HEADER, file=out)
         for r in rows:
             mark = "" if r.kind == INTERMEDIATE else r.kind
             since = f"{_iso(r.oldest)} .. {_iso(r.newest)}" if r.count else ""
@@ -220,6 +231,9 @@ def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
             if r.note:
                 print(textwrap.fill(r.note, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6,
                                     break_on_hyphens=False, break_long_words=False), file=out)
+        if drift is not None and name in drift:
+            print(f"  drift: {drift[name]} profiles whose data Sefaria's profile saves erased"
+                  + (" (`crm-states heal` writes it back)" if drift[name] else ""), file=out)
         if name in MACHINE_NOTES:
             print(f"  NOTE: {MACHINE_NOTES[name]}", file=out)
 
@@ -227,7 +241,7 @@ def write_text(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
 def print_counts(db: Database, out: TextIO) -> None:
     """Per machine, every diagram state with its count, kind, entry times and handling note (the demo's
     closing table and the default ``crm-states report``)."""
-    write_text(collect(db), out)
+    write_text(collect(db), out, drift_counts(db))
 
 
 def write_json(data: Mapping[str, list[StateRow]], out: TextIO) -> None:
@@ -265,25 +279,58 @@ def mermaid_text(spec: StateMachine, rows: Iterable[StateRow], db_name: str = ""
     return "\n".join(lines) + "\n"
 
 
-def export_csv(db: Database, machine: str, state: str, out: TextIO) -> int:
+def export_csv(db: Database, machine: str, state: str, out: TextIO, *, batch_size: int = 1000) -> int:
     """Stream the profiles of ``machine`` now in ``state`` (oldest first) into ``out`` as CSV; returns the
-    number of profiles written."""
-    field = state_field(machine)
+    number of profiles written. A profile Sefaria has not created (or deleted) still gets its row."""
+    store = Store(db)
     projection = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
-                  "sf_app_user_id": 1, "CrmLog": {"$slice": -1}, f"{field}.at": 1}
+                  "sf_app_user_id": 1, "CrmLog": {"$slice": -1}}
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     n = 0
-    for profile in Store(db).profiles_in_state(machine, state, projection=projection):
-        log = profile.get("CrmLog")
-        if isinstance(log, list):
-            log = log[-1] if log else None
-        since = ((profile.get("crm_state") or {}).get(machine) or {}).get("at")
-        writer.writerow([_cell(profile.get("id")), _cell(profile.get("nationbuilder_id")), _cell(profile.get("email")),
-                         _cell(profile.get("first_name")), _cell(profile.get("last_name")),
-                         _cell(profile.get("sf_app_user_id")), _cell(log), _cell(since)])
-        n += 1
+    for rows in _batches(store.in_state(machine, state), batch_size):
+        profiles = {p["id"]: p for p in store.profiles.find({"id": {"$in": [r["id"] for r in rows]}}, projection)}
+        for row in rows:
+            profile = profiles.get(row["id"], {})
+            writer.writerow([_cell(row["id"]), _cell(profile.get("nationbuilder_id")), _cell(profile.get("email")),
+                             _cell(profile.get("first_name")), _cell(profile.get("last_name")),
+                             _cell(profile.get("sf_app_user_id")), _cell(_last_line(profile, row)),
+                             _cell(row.get("at"))])
+            n += 1
     return n
+
+
+def first_in_state(db: Database, machine: str, state: str, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` profiles longest in ``state`` (oldest first), each ``{id, last_crm_log, since}``: what the
+    HTML report shows of a failure state. ``since`` is a datetime (or None), ``last_crm_log`` a string or None."""
+    if limit < 1:  # pymongo reads a limit of 0 as "no limit"
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    store = Store(db)
+    rows = list(store.in_state(machine, state, limit=limit))
+    profiles = {p["id"]: p for p in store.profiles.find({"id": {"$in": [r["id"] for r in rows]}},
+                                                        {"_id": 0, "id": 1, "CrmLog": {"$slice": -1}})}
+    return [{"id": r["id"], "last_crm_log": _last_line(profiles.get(r["id"], {}), r), "since": r.get("at")}
+            for r in rows]
+
+
+def _last_line(profile: Mapping[str, Any], row: Mapping[str, Any]) -> str | None:
+    """The profile's last ``CrmLog`` line; where Sefaria's save erased it, the run's own error detail."""
+    log = profile.get("CrmLog")
+    if isinstance(log, list) and log:
+        return str(log[-1])
+    error = (row.get("detail") or {}).get("error")
+    return str(error) if error else None
+
+
+def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _iso(value: Any) -> str | None:

@@ -1,19 +1,24 @@
 """The batch runner for NationBuilder-profile validation (``crm-states validate-nb``).
 
-It streams the ids of profiles whose ``nationbuilder_id`` is truthy and whose validation is not finished
-(a cursor, never the collection in memory), cuts them into id ranges, claims each range with an expiring
-lease, and drives the range's profiles through the machine in one batch: one batched CRM lookup and bulk
-writes per range. Killed at any instant and started again, it finishes the job: finished profiles are
-skipped, half-done ones are continued, and the store's compare-and-set rules out a transition twice.
+A profile is pending when it has a truthy ``nationbuilder_id`` and no finished validation of *that*
+id (``nb.validated_for``: a profile whose id changed after it was validated is pending again). The runner
+finds them by merging two sorted streams (profiles with a NationBuilder id, and the machine's positions;
+never a collection in memory), cuts them into id ranges, claims each range with an expiring lease, and
+drives the range's profiles through the machine in one batch: one batched CRM lookup and bulk writes per
+range. Killed at any instant and started again, it finishes the job: finished profiles are skipped,
+half-done ones are continued, and the store's compare-and-set rules out a transition twice.
+
+What it prints is what the database holds: a profile is counted in a state only when its commit was
+acknowledged; a journaled DB failure whose state could not be written is counted apart; profiles another
+driver moved are not counted as this run's.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -24,10 +29,15 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 
 from machines import nb_profile_validation as nb
 
+from . import metrics
 from .api import CrmStates
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
-from .store import state_field
+from .progress import Progress, RunnerReport
+from .records import Position
+from .store.documents import position_from_doc
+
+__all__ = ["ValidationRunner", "RunnerConfig", "RunnerReport", "Progress", "PROJECTION", "NB_FILTER", "pending_ids"]
 
 log = logging.getLogger("crm_states.runner")
 
@@ -38,17 +48,15 @@ COUNT_SECONDS = 900.0
 DB_RETRIES = 3
 T = TypeVar("T")
 
+#: Profiles the validation is about: a truthy ``nationbuilder_id``.
+NB_FILTER: Mapping[str, Any] = {"nationbuilder_id": {"$nin": [None, False, 0, ""]}}
+PROJECTION = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1}
+#: What the pending merge reads of a position.
+_POSITION_VIEW = {"state": 1, "detail.input": 1, "detail.input_shown": 1, "seq": 1}
+
 
 def _backoff(failure: int) -> float:
     return min(2.0 * failure, 10.0)
-PROJECTION = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
-              state_field(nb.NAME): 1}
-
-
-def pending_filter() -> dict[str, Any]:
-    """Profiles with a truthy ``nationbuilder_id`` whose validation has not reached a terminal state."""
-    return {"nationbuilder_id": {"$nin": [None, False, 0, ""]},
-            f"{state_field(nb.NAME)}.state": {"$nin": sorted(nb.SPEC.terminal)}}
 
 
 @attrs.frozen
@@ -61,64 +69,38 @@ class RunnerConfig:
     lease_seconds: float = 300.0
 
 
-@attrs.define
-class RunnerReport:
-    """What a run did. ``stopped`` says why it ended early (the CRM's limit, ``--max-api-calls``)."""
+def pending_ids(app: CrmStates, *, after: int | None = None, batch_size: int = 1000) -> Iterator[int]:
+    """Ids of pending profiles in id order, from a merge of two sorted cursors (profiles with a
+    NationBuilder id; the machine's positions). Profiles whose id is not an int are skipped with a warning."""
+    where = dict(NB_FILTER) if after is None else {**NB_FILTER, "id": {"$gt": after}}
+    profiles = app.store.profiles.find(where, {"_id": 0, "id": 1, "nationbuilder_id": 1}).sort("id", 1)
+    positions = app.store.scan(nb.NAME, _POSITION_VIEW, None if after is None else {"profile_id": {"$gt": after}},
+                               batch_size=batch_size)
+    current = next(positions, None)
+    try:
+        for profile in profiles.batch_size(batch_size):
+            pid = profile.get("id")
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                log.warning("skipping a profile whose id is not an int: %r", pid)
+                continue
+            while current is not None and _before(current["profile_id"], pid):
+                current = next(positions, None)
+            position = position_from_doc(current) if current is not None and current["profile_id"] == pid else Position()
+            if not nb.validated_for(profile, position):
+                yield pid
+    finally:
+        profiles.close()
 
-    pending_at_start: int = 0
-    processed: int = 0
-    states: Counter[str] = attrs.field(factory=Counter)
-    outcomes: Counter[str] = attrs.field(factory=Counter)
-    lookups: int = 0
-    skipped_ranges: int = 0
-    stopped: str | None = None
-    seconds: float = 0.0
 
-    @property
-    def rate(self) -> float:
-        return self.processed / self.seconds if self.seconds else 0.0
-
-
-class Progress:
-    """A tqdm bar on a terminal; periodic plain log lines otherwise."""
-
-    def __init__(self, total: int, *, stream: Any = None, every: float = 10.0) -> None:
-        self.stream = stream or sys.stderr
-        self.total = total
-        self.every = every
-        self.started = self.last = time.monotonic()
-        self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="profile", file=self.stream, dynamic_ncols=True)
-
-    def update(self, done: int, report: RunnerReport) -> None:
-        if self.bar is not None:
-            self.bar.update(done)
-            self.bar.set_postfix_str(_states_line(report.states), refresh=False)
-            return
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            rate = report.processed / max(now - self.started, 1e-9)
-            eta = (self.total - report.processed) / rate if rate else float("inf")
-            log.info("validated %d/%d profiles, %.0f/s, ETA %.0fs; %s", report.processed, self.total, rate, eta,
-                        _states_line(report.states))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _before(a: Any, b: int) -> bool:
+    """Positions are sorted by profile id; non-int ids sort apart and never match an int profile."""
+    return not isinstance(a, int) or isinstance(a, bool) or a < b
 
 
 def _reap(in_flight: deque[Future[None]]) -> None:
     """Drop finished ranges from the front, raising what a range raised."""
     while in_flight and in_flight[0].done():
         in_flight.popleft().result()
-
-
-def _states_line(states: Mapping[str, int]) -> str:
-    return ", ".join(f"{state} {count}" for state, count in sorted(states.items()))
 
 
 class ValidationRunner:
@@ -133,29 +115,31 @@ class ValidationRunner:
         self.make_progress = progress or (lambda total: Progress(total))
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._api_at_start = 0
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunnerReport:
         started = time.monotonic()
-        # Counting scans every profile: on a million it outlasts the client's 30 s socket timeout on
-        # SecantusDB, so this one operation gets its own deadline.
-        with pymongo.timeout(COUNT_SECONDS):
-            report = RunnerReport(pending_at_start=self.profiles.count_documents(pending_filter()))
+        with pymongo.timeout(COUNT_SECONDS):  # a full pass: on a million profiles it outlasts a socket timeout
+            first, last, pending = self._survey()
+        report = RunnerReport(pending_at_start=pending)
         if self.config.dry_run:
-            report.processed = min(report.pending_at_start, self.config.limit or report.pending_at_start)
+            report.processed = min(pending, self.config.limit or pending)
             report.stopped = "dry run: nothing was claimed, sent or written"
             return report
-        with pymongo.timeout(COUNT_SECONDS):  # two sorted scans of the pending profiles: as slow as the count
-            proposed = self._proposed_ranges(report.pending_at_start)
-        base, width = self.leases.agree_ranges(self.config.chunk_size, *proposed)
+        self._api_at_start = self._api_requests()
+        span = (last - first + 1) if pending else 1
+        base, width = self.leases.agree_ranges(self.config.chunk_size, first if pending else 0,
+                                               max(self.config.chunk_size,
+                                                   round(self.config.chunk_size * span / max(pending, 1))))
         if pruned := self.leases.prune():
             log.info("removed %d leases left by runners that died or expired", pruned)
-        progress = self.make_progress(min(report.pending_at_start, self.config.limit or report.pending_at_start))
+        progress = self.make_progress(min(pending, self.config.limit or pending))
         budget = self.config.limit
         in_flight: deque[Future[None]] = deque()
         with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="validate") as pool:
             try:
-                for index, ids in self._ranges(base, width):
+                for index, count in self._ranges(base, width):
                     if self._stop.is_set() or budget == 0:
                         break
                     _reap(in_flight)
@@ -164,10 +148,10 @@ class ValidationRunner:
                     if not self._outlasting_outages(lambda: self.leases.claim(index)):
                         report.skipped_ranges += 1
                         continue
-                    take = ids if budget is None else ids[:budget]
-                    budget = None if budget is None else budget - len(take)
+                    take = count if budget is None else min(count, budget)
+                    budget = None if budget is None else budget - take
                     bounds = (base + index * width, base + (index + 1) * width)
-                    in_flight.append(pool.submit(self._validate_range, index, bounds, len(take), report, progress))
+                    in_flight.append(pool.submit(self._validate_range, index, bounds, take, report, progress))
                     while len(in_flight) >= self.config.concurrency * 2:
                         in_flight.popleft().result()
                 while in_flight:
@@ -177,47 +161,43 @@ class ValidationRunner:
                 for future in in_flight:
                     future.cancel()
                 progress.close()
+        report.api_requests = self._api_requests() - self._api_at_start
         report.seconds = time.monotonic() - started
         return report
 
-    def _proposed_ranges(self, pending: int) -> tuple[int, int]:
-        """Ranges starting at the first pending id, wide enough for about ``chunk_size`` pending profiles."""
-        numeric = {**pending_filter(), "id": {"$type": ["int", "long"]}}  # others are skipped with a warning
-        first = self.profiles.find_one(numeric, {"id": 1}, sort=[("id", 1)])
-        last = self.profiles.find_one(numeric, {"id": 1}, sort=[("id", -1)])
-        if not first or not last or pending == 0:
-            return 0, self.config.chunk_size
-        span = int(last["id"]) - int(first["id"]) + 1
-        return int(first["id"]), max(self.config.chunk_size, round(self.config.chunk_size * span / pending))
+    def _survey(self) -> tuple[int, int, int]:
+        """``(first pending id, last pending id, how many)`` in one pass of the merge."""
+        first = last = 0
+        count = 0
+        for pid in self._pending_ids():
+            if count == 0:
+                first = pid
+            last = pid
+            count += 1
+        return first, last, count
 
-    def _ranges(self, base: int, width: int) -> Iterator[tuple[int, list[int]]]:
-        """``(range index, pending ids in it)`` in id order, from a cursor over ids only."""
+    def _ranges(self, base: int, width: int) -> Iterator[tuple[int, int]]:
+        """``(range index, pending profiles in it)`` in id order."""
         current: int | None = None
-        ids: list[int] = []
+        count = 0
         for pid in self._pending_ids():
             index = (pid - base) // width
             if current is not None and index != current:
-                yield current, ids
-                ids = []
+                yield current, count
+                count = 0
             current = index
-            ids.append(pid)
+            count += 1
         if current is not None:
-            yield current, ids
+            yield current, count
 
     def _pending_ids(self) -> Iterator[int]:
-        """Pending int ids in order. A cursor the server lost (a restart, a failover) is opened again
-        after the last id seen, a few times: the work already claimed is not affected by it."""
+        """``pending_ids``, reopened after the last id seen when the server lost the cursor (a restart,
+        a failover), a few times: the work already claimed is not affected by it."""
         last: int | None = None
         failures = 0
         while True:
-            where = pending_filter() if last is None else {**pending_filter(), "id": {"$gt": last}}
-            cursor = self.profiles.find(where, {"_id": 0, "id": 1}).sort("id", 1).batch_size(self.config.chunk_size)
             try:
-                for doc in cursor:
-                    pid = doc.get("id")
-                    if not isinstance(pid, int) or isinstance(pid, bool):
-                        log.warning("skipping a profile whose id is not an int: %r", pid)
-                        continue
+                for pid in pending_ids(self.app, after=last, batch_size=self.config.chunk_size):
                     failures = 0
                     last = pid
                     yield pid
@@ -229,8 +209,6 @@ class ValidationRunner:
                 log.warning("the cursor over pending profiles was lost (%s); reopening it after id %s",
                             type(exc).__name__, last)
                 time.sleep(_backoff(failures))
-            finally:
-                cursor.close()
 
     @staticmethod
     def _outlasting_outages(call: Callable[[], T]) -> T:
@@ -248,7 +226,12 @@ class ValidationRunner:
         try:
             if self._stop.is_set():
                 return
-            # A range query, read after the lease was taken: fresh positions, and far cheaper than $in.
+            # Renewed right before the lookup: a runner paused past its lease finds it gone and leaves the
+            # range (and its count) to the runner that took it over.
+            if not self.leases.renew(index):
+                with self._lock:
+                    report.lost_ranges += 1
+                return
             self.validate_chunk({"id": {"$gte": bounds[0], "$lt": bounds[1]}}, count, report, progress)
         finally:
             self.leases.release(index)
@@ -258,48 +241,53 @@ class ValidationRunner:
         """The per-chunk step: the pending profiles matching ``where`` (at most ``count``, in id order)
         through one batched CRM lookup and bulk writes, counted into ``report``. Takes no lease: the
         caller holds one (``run``) or relies on the store's compare-and-set (a Celery task)."""
-        query = {**pending_filter(), **where}
-        profiles = self._outlasting_outages(
-            lambda: list(self.profiles.find(query, PROJECTION).sort("id", 1).limit(count)))
-        results = self.app.validate_profiles(profiles) if profiles else []
-        if any(r.outcome == "conflict" for r in results):
-            results = self._after_conflicts(results)
+        profiles, positions = self._outlasting_outages(lambda: self._read_chunk(where, count))
+        if not profiles:
+            return
+        results = self._drive(profiles, positions)
+        if any(r.outcome == "changed" for r in results):  # an input moved during the lookup: look again
+            again = {r.profile_id for r in results if r.outcome == "changed"}
+            fresh, fresh_positions = self._outlasting_outages(
+                lambda: self._read_chunk({"id": {"$in": sorted(again)}}, len(again)))
+            redone = {r.profile_id: r for r in self._drive(fresh, fresh_positions)} if fresh else {}
+            # No longer pending when read again: its NationBuilder id was removed, or another driver did it.
+            results = [redone.get(r.profile_id, RunResult(r.profile_id, r.state, "skipped", "no longer pending"))
+                       if r.outcome == "changed" else r for r in results]
         self.record(results, report, progress)
 
-    def _after_conflicts(self, results: list[RunResult]) -> list[RunResult]:
-        """A conflict here means a killed run's documents were just rolled forward: a profile that is now
-        finished counts as finished, one left half-way is continued once from where it stands."""
-        settled = {r.profile_id: r for r in results
-                   if r.outcome == "conflict" and r.state in nb.SPEC.terminal}
-        retry = [r.profile_id for r in results if r.outcome == "conflict" and r.profile_id not in settled]
-        query = {**pending_filter(), "id": {"$in": retry}}
-        again = self._outlasting_outages(lambda: list(self.profiles.find(query, PROJECTION))) if retry else []
-        redone = {r.profile_id: r for r in self.app.validate_profiles(again)} if again else {}
-        return [redone.get(r.profile_id) or (RunResult(r.profile_id, r.state, "finished")
-                                             if r.profile_id in settled else r) for r in results]
+    def _read_chunk(self, where: Mapping[str, Any], count: int) -> tuple[list[dict[str, Any]], dict[int, Position]]:
+        """The chunk's pending profiles (fresh, read after the lease was taken) and their positions."""
+        candidates = [p for p in self.profiles.find({**NB_FILTER, **where}, PROJECTION).sort("id", 1)
+                      if isinstance(p.get("id"), int) and not isinstance(p["id"], bool)]
+        positions = self.app.store.positions_of(nb.NAME, [p["id"] for p in candidates])
+        pending = [p for p in candidates if not nb.validated_for(p, positions.get(p["id"], Position()))]
+        return pending[:count], positions
+
+    def _drive(self, profiles: list[dict[str, Any]], positions: Mapping[int, Position]) -> list[RunResult]:
+        engine = self.app.engine(nb.NAME)
+        return engine.drive([engine.prepare(p, positions.get(p["id"], Position()), restart=True) for p in profiles])
 
     def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
+        metrics.runner_results(nb.NAME, results)
         with self._lock:
-            if results:  # a range another runner finished meanwhile reads no profiles and asks nothing
-                report.lookups += 1
-            for result in results:
-                report.outcomes[result.outcome] += 1
-                if result.outcome == "finished" and result.state:
-                    report.states[result.state] += 1
-                if result.outcome == "halted" and not report.stopped:
-                    report.stopped = result.error or "halted"
-                    self._stop.set()
-            done = sum(1 for r in results if r.outcome != "halted")
-            report.processed += done
+            report.lookups += 1
+            done = report.add(results)
+            if report.stopped:
+                self._stop.set()
             progress.update(done, report)
 
     # --- the API budget -------------------------------------------------------------------------
+    def _api_requests(self) -> int:
+        counted = getattr(self.app.crm, "api_requests", None)
+        return counted if isinstance(counted, int) else 0
+
     def _within_api_budget(self, report: RunnerReport, reserved: int) -> bool:
-        """Room for one more range's batched lookup, counting the ranges still in flight."""
+        """Room for one more range's lookup, counting the ranges still in flight. Spending is read from the
+        CRM client's own request counter where it has one, else one request per lookup."""
         if self.config.max_api_calls is None:
             return True
-        if report.lookups + reserved >= self.config.max_api_calls:
-            report.stopped = (f"--max-api-calls {self.config.max_api_calls} reached "
-                              f"({report.lookups} lookups done, {reserved} in flight)")
+        spent = max(self._api_requests() - self._api_at_start, report.lookups)
+        if spent + reserved >= self.config.max_api_calls:
+            report.stopped = f"--max-api-calls {self.config.max_api_calls} reached"
             return False
         return True

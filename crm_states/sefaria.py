@@ -17,6 +17,7 @@ from typing import Any
 
 from .api import CrmStates
 from .crm import CrmError
+from .logs import fields
 from .records import ProfileWrite
 from .store import StoreError
 
@@ -97,7 +98,9 @@ class CrmMediator:
             return False
         ok = result.finished and (result.state == success if success else result.state in _SUCCESS_STATES)
         if not ok:
-            log.warning("%s for profile %s ended in %s (%s)", method, result.profile_id, result.state, result.outcome)
+            log.warning("%s for profile %s ended in %s (%s)", method, result.profile_id, result.state, result.outcome,
+                        extra=fields(kind=method, profile_id=result.profile_id, state=result.state,
+                                     outcome=result.outcome))
         return ok
 
     def _default_user_id_for_email(self, email: str) -> int | None:

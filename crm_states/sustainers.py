@@ -34,7 +34,8 @@ from machines import sync_sustainers as machine
 
 from .crm.errors import CrmLimitExceeded
 from .engine import Engine, describe
-from .store import Store, state_field
+from .records import Position
+from .store import Store
 
 log = logging.getLogger("crm_states.sustainers")
 
@@ -49,7 +50,7 @@ class CrmStates(Protocol):
 
 DEFAULT_MAX_DEMOTE_SHARE = 0.1
 DEFAULT_BATCH_SIZE = 1000
-#: What the plan reads of a profile; the apply step also reads the machine's position.
+#: What the plan and the apply step read of a profile.
 _PLAN_FIELDS = {"_id": 0, "id": 1, "sf_app_user_id": 1, "is_sustainer": 1}
 
 
@@ -172,15 +173,17 @@ def _plan(app: CrmStates, sustainers: frozenset[str], report: SyncReport) -> dic
 
 def _apply(app: CrmStates, changes: Mapping[int, bool], report: SyncReport, batch_size: int) -> None:
     engine = app.engine(machine.NAME)
-    projection = {**_PLAN_FIELDS, state_field(machine.NAME): 1}
     for ids in _chunks(sorted(changes), batch_size):
+        profiles = list(app.store.profiles.find({"id": {"$in": ids}}, _PLAN_FIELDS))
+        positions = app.store.positions_of(machine.NAME, [p["id"] for p in profiles])
         runs = []
-        for profile in app.store.profiles.find({"id": {"$in": ids}}, projection):
+        for profile in profiles:
             target = changes.get(profile["id"])
             if target is None or bool(profile.get("is_sustainer")) == target:
                 report.skipped += 1  # changed meanwhile (another sync), or a duplicate id
                 continue
-            runs.append(engine.prepare(profile, restart=True, inputs={"is_sustainer": target}))
+            runs.append(engine.prepare(profile, positions.get(profile["id"], Position()), restart=True,
+                                       inputs={"is_sustainer": target}))
         for result in engine.drive(runs):
             report.outcomes[result.outcome] += 1
             report.states[result.state or "not started"] += 1

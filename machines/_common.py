@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from crm_states.crm import CrmError, CrmLimitExceeded
+from crm_states.crm import CrmConfigError, CrmError, CrmLimitExceeded
 from crm_states.engine import Halt, Run, describe
 
 
@@ -18,9 +18,13 @@ def journaled_app_user_id(run: Run) -> str | None:
 
 
 def crm_failure(exc: Exception) -> Mapping[str, Any]:
-    """The detail of a failed CRM call; the daily API limit halts the batch instead."""
+    """The detail of a failed CRM call. The daily API limit halts the batch instead, and so does a CRM that
+    is not configured or cannot answer (``CrmConfigError``, ``CrmNotSupported``): no answer came, so no
+    verdict may be recorded; the runs stay where they were persisted."""
     if isinstance(exc, CrmLimitExceeded):
         raise Halt(f"CRM API limit reached: {exc}") from exc
+    if isinstance(exc, CrmConfigError):
+        raise Halt(f"no CRM to ask: {exc}") from exc
     detail: dict[str, Any] = {"error": describe(exc)}
     if isinstance(exc, CrmError) and exc.status is not None:
         detail["status"] = exc.status

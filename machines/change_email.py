@@ -1,7 +1,8 @@
 """A user changes their account email (docs/diagrams/change_email.mmd): tell the CRM, record the outcome.
 
 EmailChanged reads the request (the new email, from the caller's inputs, or from the run being resumed)
-and the CRM id, which is the profile's ``sf_app_user_id`` and does not change. RequestEmailChangeInSalesforce
+and the CRM id (the app user id the caller passes, else the profile's ``sf_app_user_id``), which does not
+change. RequestEmailChangeInSalesforce
 is persisted before the request goes out (a CRM write) and calls ``change_user_email(crm_id, new_email)``.
 The run records the new email and the outcome in ``crm_state.change_email.detail``; it writes no other
 profile field (Sefaria keeps emails in its SQL user table). A profile without ``sf_app_user_id``, or a
@@ -36,7 +37,7 @@ ANSWER_OK = {"answer": "OK"}
 def request_of(run: Run) -> dict[str, Any]:
     """The request: the caller's ``new_email``, else the one the resumed run (``prior``) was sending."""
     new_email = run.inputs.get("new_email", run.prior.get("new_email"))
-    crm_id = run.profile.get("sf_app_user_id")
+    crm_id = run.inputs.get("crm_id") or run.profile.get("sf_app_user_id")
     return {"new_email": new_email, "crm_id": crm_id if isinstance(crm_id, str) and crm_id else None}
 
 

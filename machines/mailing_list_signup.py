@@ -7,22 +7,12 @@ all that identifies the person to the CRM: no CRM id comes back and none is stor
 a non-empty string, or lists that are not a non-empty list of strings, is an unexpected response
 recorded, with nothing sent.
 
-Where a run is persisted. The signup may come from someone without a Sefaria account, and a run needs a
-document to live on. It lives in Sefaria's ``profiles`` collection, like every other machine's run:
-
-- a signed-in user's signup runs on their own profile (``id`` = the Sefaria user id the caller passes);
-- a signup without an account runs on a small document ``{id: signup_id(email), email,
-  mailing_list_only: true}``, created on first use (``CrmStates.subscribe``). ``signup_id`` is a
-  *negative* id derived from the normalised email, so it can never be a Sefaria user id (those are
-  positive), the same address always maps to the same document (a second signup is a new run on it, with
-  its history kept), and no lookup is needed to find it again.
-
-A separate collection (``Store(db, profiles=...)``) was the alternative; it was not chosen because the
-operator's tools (``crm-states report``, ``resume``, ``replay``) read the ``profiles`` collection for every
-machine in ``crm_states.api.MACHINES``: keeping the runs there makes them work for this machine unchanged.
-The documents carry no ``slug``, ``nationbuilder_id`` or ``sf_app_user_id``, so the NationBuilder
-validation and the sustainer sync never select them; code that scans all of ``profiles`` can skip them by
-``mailing_list_only`` (or ``id < 0``).
+Where a run is persisted. The signup may come from someone without a Sefaria account. Runs live in the
+project's own collection, not in Sefaria's documents, so such a signup needs no document at all: its runs
+are kept under ``signup_id(email)``, a *negative* id derived from the normalised email, so it can never be a
+Sefaria user id (those are positive), the same address always maps to the same runs (a second signup is a
+new run, with its history kept), and no lookup is needed to find it again. A signed-in user's signup runs
+under their own user id.
 
 ``CrmLog`` codes:
 
@@ -119,6 +109,10 @@ def write_ok(run: Run, at: Any) -> ProfileWrite:
 
 
 def write_error(run: Run, at: Any) -> ProfileWrite:
+    """The ``CrmLog`` line goes to a Sefaria user's profile; a signup without an account has no profile
+    (its run lives only in the project's collection), so its error is in the run's history alone."""
+    if run.profile_id < 0:
+        return ProfileWrite()
     return ProfileWrite(crm_log=crm_log_line(LOG_ERROR, at, run.detail.get("error") or "no detail"))
 
 

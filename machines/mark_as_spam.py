@@ -42,7 +42,7 @@ def request_of(run: Run) -> dict[str, Any]:
         action = MARK_FOR_REVIEW if run.inputs["review"] else MARK_AS_SPAM
     else:
         action = run.prior.get("action", MARK_AS_SPAM)
-    crm_id = run.profile.get("sf_app_user_id")
+    crm_id = run.inputs.get("crm_id") or run.profile.get("sf_app_user_id")
     return {"action": action, "review": action == MARK_FOR_REVIEW,
             "crm_id": crm_id if isinstance(crm_id, str) and crm_id else None}
 

@@ -93,7 +93,7 @@ def request_status(runs: Sequence[Run], crm: CrmConnectionManager) -> list[Outco
 
 
 def write_status(run: Run, at: Any) -> ProfileWrite:
-    return ProfileWrite(set={"is_sustainer": bool(run.detail["is_sustainer"])})
+    return ProfileWrite(set={"is_sustainer": bool(run.detail["is_sustainer"])}, requires_profile=True)
 
 
 def write_unexpected(run: Run, at: Any) -> ProfileWrite:

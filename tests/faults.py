@@ -9,10 +9,11 @@ from pymongo.errors import AutoReconnect
 
 from crm_states.engine import StateMachine
 from crm_states.records import START, Transition
+from crm_states.store import POSITIONS
 
 
 class WritePlan:
-    """Which write calls fail: ``{("crm_transitions", "insert", 2)}`` fails the second insert."""
+    """Which write calls fail: ``{("crm_positions", "update", 2)}`` fails the second update of positions."""
 
     def __init__(self, failing: set[tuple[str, str, int]] | None = None) -> None:
         self.failing = set(failing or ())
@@ -78,3 +79,56 @@ def assert_history_is_path(spec: StateMachine, history: list[Transition]) -> Non
             assert (t.source, t.dest) in spec.diagram.edge_set, f"{t.source} --> {t.dest} is not in the diagram"
             assert t.trigger == spec.triggers[(t.source, t.dest)]
         state = t.dest
+
+
+class Commits:
+    """The store's writes, in order, against planned faults (``WritePlan`` keys): ``commit(writes_profile)``
+    is one step's commit (its guarded profile write first when it has one, then its position). Records
+    whether each profile write landed: that is what the profile holds, whatever the position says."""
+
+    def __init__(self, faults: set) -> None:
+        self.faults = faults
+        self.n = {"profiles": 0, POSITIONS: 0}
+        self.profile_writes: list[bool] = []
+
+    def _write(self, collection: str) -> bool:
+        self.n[collection] += 1
+        return (collection, "update", self.n[collection]) not in self.faults
+
+    def commit(self, writes_profile: bool) -> bool:
+        if writes_profile:
+            landed = self._write("profiles")
+            self.profile_writes.append(landed)
+            if not landed:
+                return False
+        return self._write(POSITIONS)
+
+
+def expect_commits(faults: set, steps: list[tuple[bool, bool]], failure_state: str,
+                   success_states: list[str | None]) -> tuple[str | None, str | None, Commits]:
+    """``(state the run reports, state persisted, writes)`` for a run committed in ``steps``: each is
+    ``(writes the profile, ends in a Write state's success)`` and persists ``success_states[i]``. A failed
+    commit that carried a Write state's success takes the failure edge (one more commit, without a profile
+    write); any other failed commit interrupts the run."""
+    commits = Commits(faults)
+    persisted: str | None = None
+    for (writes_profile, has_write), state in zip(steps, success_states):
+        if commits.commit(writes_profile):
+            persisted = state
+            continue
+        if not has_write:
+            return None, persisted, commits
+        return failure_state, failure_state if commits.commit(False) else persisted, commits
+    return success_states[-1], persisted, commits
+
+
+def states_by_profile(db: Any, machine: str) -> dict[Any, str]:
+    """Every profile's state in ``machine``, read in one pass over the project's positions."""
+    return {d["profile_id"]: d["state"] for d in db[POSITIONS].find({"machine": machine}, {"profile_id": 1, "state": 1})}
+
+
+def history_lengths(db: Any, machine: str) -> Counter[Any]:
+    """Transitions per profile in ``machine``, in one pass."""
+    pipeline = [{"$match": {"machine": machine}}, {"$project": {"profile_id": 1, "n": {"$size": "$history"}}}]
+    return Counter({d["profile_id"]: d["n"] for d in db[POSITIONS].aggregate(pipeline)})
+

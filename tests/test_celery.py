@@ -34,6 +34,7 @@ celery = pytest.importorskip("celery", reason="the celery extra is not installed
 
 from crm_states.api import CrmStates  # noqa: E402
 from crm_states.celery_tasks import CrmTasks, make_app, register_tasks  # noqa: E402
+from crm_states.store import POSITIONS, Store  # noqa: E402
 from crm_states.testing import Fault, FakeSalesforce  # noqa: E402
 from crm_states.testing.mongo import free_port  # noqa: E402
 from machines import nb_profile_validation as nb  # noqa: E402
@@ -226,16 +227,16 @@ def seed_nb(world: World, ids: range) -> set[int]:
 
 
 def nb_states(world: World, ids: list[int]) -> dict[int, str | None]:
-    docs = world.db.profiles.find({"id": {"$in": ids}}, {"id": 1, "crm_state": 1})
-    return {d["id"]: ((d.get("crm_state") or {}).get(nb.NAME) or {}).get("state") for d in docs}
+    known = Store(world.db).positions_of(nb.NAME, ids)
+    return {pid: known[pid].state if pid in known else None for pid in ids}
 
 
 def assert_untouched(world: World, ids: list[int]) -> None:
     """Never read into a machine: no state, no transition, no CRM log, no CRM id."""
     touched = world.db.profiles.count_documents({"id": {"$in": ids}, "$or": [
-        {"crm_state": {"$exists": True}}, {"CrmLog": {"$exists": True}}, {"sf_app_user_id": {"$exists": True}}]})
+        {"CrmLog": {"$exists": True}}, {"sf_app_user_id": {"$exists": True}}]})
     assert touched == 0
-    assert world.db.crm_transitions.count_documents({"profile_id": {"$in": ids}}) == 0
+    assert world.db[POSITIONS].count_documents({"profile_id": {"$in": ids}}) == 0
 
 
 def delta(fake: FakeSalesforce, kind: str) -> Callable[[], int]:
@@ -291,7 +292,7 @@ def test_a_transient_crm_failure_is_retried_by_celery(world: World) -> None:
     summary = world.tasks.validate_chunk.delay(profile_ids=chunk).get(timeout=TIMEOUT)
     assert summary["attempt"] == 2
     assert nb_states(world, chunk) == expected(found, chunk)
-    history = [d["dest"] for d in world.db.crm_transitions.find({"profile_id": 201}).sort("seq", 1)]
+    history = [t.dest for t in Store(world.db).history(201, nb.NAME)]
     assert history[:5] == ["NotChecked", "RequestedContact", "UnexpectedResponse", "WroteUnexpectedResponse",
                            "NotChecked"]  # the first attempt's failure, then a new run
 
@@ -322,7 +323,7 @@ def test_run_signup_through_the_worker_makes_one_app_user(world: World) -> None:
     [app_user] = [r for r in world.fake.records(APP_USER) if r.get("Sefaria_App_Email__c") == "chana@example.org"]
     profile = world.db.profiles.find_one({"id": 1000})
     assert profile["sf_app_user_id"] == app_user["Id"]
-    assert profile["crm_state"][signup.NAME]["state"] == "WroteSalesforceAppUserUid"
+    assert Store(world.db).position(profile["id"], signup.NAME).state == "WroteSalesforceAppUserUid"
     missing = world.tasks.run_signup.delay(1001)
     with pytest.raises(Exception, match="no profile with id 1001"):
         missing.get(timeout=TIMEOUT)
@@ -333,8 +334,7 @@ def test_a_signup_stopped_by_a_transient_failure_is_retried_and_makes_one_app_us
     world.fake.inject(Fault.error(503), times=4, kind="create")  # every create of the first attempt fails
     result = world.tasks.run_signup.delay(1100).get(timeout=TIMEOUT)
     assert result["attempt"] == 2 and result["state"] == "WroteSalesforceAppUserUid"
-    states = [d["dest"] for d in world.db.crm_transitions.find({"profile_id": 1100, "machine": signup.NAME})
-              .sort("seq", 1)]
+    states = [t.dest for t in Store(world.db).history(1100, signup.NAME)]
     assert "WroteSalesforceErrorToDb" in states and states[-1] == "WroteSalesforceAppUserUid"
     assert len([r for r in world.fake.records(APP_USER) if r.get("Sefaria_App_Email__c") == "retry@example.org"]) == 1
 

@@ -18,6 +18,9 @@ from crm_states.testing import Fault, FakeSalesforce
 from machines import new_user_signup as signup
 
 APP_USER = "Sefaria_App_User__c"
+ROOT = Path(__file__).resolve().parents[1]
+#: The subprocess imports this checkout's code whatever its working directory.
+PYTHONPATH = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 
 @pytest.fixture
@@ -30,7 +33,8 @@ def fake() -> Iterator[FakeSalesforce]:
 def env(db, mongo_url: str, fake: FakeSalesforce, tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "MONGO_URL": mongo_url, "MONGO_DB": db.name, "CRM_TYPE": "SALESFORCE",
             "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
-            "SALESFORCE_CLIENT_SECRET": fake.client_secret, "CRM_STATES_JOURNAL": str(tmp_path / "journal.jsonl")}
+            "SALESFORCE_CLIENT_SECRET": fake.client_secret, "CRM_STATES_JOURNAL": str(tmp_path / "journal.jsonl"),
+            "PYTHONPATH": PYTHONPATH}
 
 
 def has_count(text: str, state: str, count: int) -> bool:
@@ -76,13 +80,13 @@ def test_validate_then_resume_after_salesforce_recovers(db, env, fake: FakeSales
 
 def test_db_failure_replay_and_resume_never_create_twice(db, env, fake: FakeSalesforce, tmp_path: Path,
                                                           failpoint_mongo) -> None:
-    """The database fails every insert after the write-ahead commit: the created app user's id is
+    """The database fails every write after the write-ahead commit: the created app user's id is
     journaled; replay writes it, resume finishes the run, and Salesforce holds one app user."""
     client, url = failpoint_mongo
     env = {**env, "MONGO_URL": url, "MONGO_DB": "cli"}
     client.cli.profiles.insert_one({"id": 9, "email": "journal@example.org"})
     client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                          "data": {"failCommands": ["insert"], "errorCode": 6}})
+                          "data": {"failCommands": ["update"], "errorCode": 6}})
     run = cli(env, "signup", "--user-id", "9")
     client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     assert run.returncode == 1 and "LoggedDbFailure" in run.stdout
@@ -94,7 +98,7 @@ def test_db_failure_replay_and_resume_never_create_twice(db, env, fake: FakeSale
 
     first = cli(env, "replay", str(journal))
     second = cli(env, "replay", str(journal))
-    assert "1 applied" in first.stdout and "0 applied, 1 already applied" in second.stdout
+    assert "1 applied now" in first.stdout and "0 applied now, 1 already applied" in second.stdout
     assert client.cli.profiles.find_one({"id": 9})["sf_app_user_id"] == record["Id"]
     resumed = cli(env, "resume", "--machine", signup.NAME, "--state", "LoggedDbFailure")
     assert resumed.returncode == 0 and has_count(resumed.stdout, "WroteSalesforceAppUserUid", 1)
@@ -109,8 +113,9 @@ def test_load_log_sends_each_entry_once(env, fake: FakeSalesforce, tmp_path: Pat
     with log_path.open("a") as f:
         f.write("not a log entry\n")
     first = cli(env, "load-log", str(log_path))
-    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.returncode == 1, first.stdout + first.stderr  # the invalid line is something to look at
     assert "sent 2 CRM writes" in first.stdout and "1 invalid lines" in first.stdout
+    assert "line 3: not JSON" in first.stdout
     second = cli(env, "load-log", str(log_path))
     assert "sent 0 CRM writes" in second.stdout and "2 already loaded" in second.stdout
     assert len(fake.records(APP_USER)) == 2

@@ -13,10 +13,11 @@ import pytest
 from transitions import Machine
 from transitions.extensions import GraphMachine
 
-import crm_states.engine as engine_module
+import crm_states.spec as engine_module
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.engine import Act, BindingError, Engine, Outcome, StateMachine, Write, trigger_name
 from crm_states.mermaid import parse_diagram, read_diagram
+from crm_states.records import Position
 from crm_states.store import Store
 
 DIAGRAMS = Path(__file__).resolve().parent.parent / "docs" / "diagrams"
@@ -150,6 +151,9 @@ def test_driving_runs_uses_the_shared_machine_and_creates_none(module, monkeypat
 
 
 class _BrokenStore:
+    def position(self, profile_id, machine):
+        return Position()
+
     def commit(self, steps):
         raise RuntimeError("store exploded")
 

@@ -10,7 +10,7 @@ from typing import Any
 import mongomock
 import pytest
 
-import crm_states.engine as engine_module
+import crm_states.spec as engine_module
 from crm_states.api import MACHINES
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.engine import Engine

@@ -13,10 +13,12 @@ import pytest
 from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager, SalesforceSchema
 from crm_states.crm.salesforce import TokenCache
+from crm_states.store import POSITIONS
 from crm_states.testing import Fault, FakeSalesforce
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 from tests.faults import assert_history_is_path
+from tests.test_cli import PYTHONPATH
 
 APP_USER = "Sefaria_App_User__c"
 FAST = RetryPolicy(attempts=3, base_delay=0.0, read_timeout=1.0)
@@ -68,7 +70,7 @@ def test_the_api_limit_halts_the_batch_and_a_later_run_finishes(db, fake: FakeSa
     assert {r.outcome for r in results} == {"halted"}
     assert "API limit" in results[0].error
     # A lookup is a read: its transitions are committed with its outcome, so nothing half-done remains.
-    assert app.store.count_by_state(nb.NAME) == {} and db.crm_transitions.count_documents({}) == 0
+    assert app.store.count_by_state(nb.NAME) == {} and db[POSITIONS].count_documents({}) == 0
     fake.daily_limit = 100_000
     assert {r.state for r in app.validate_profiles(list(db.profiles.find()))} == {"WroteNotFound"}
     for pid in (1, 2, 3):
@@ -115,7 +117,7 @@ def test_a_rejected_signup_records_the_error(db, fake: FakeSalesforce) -> None:
 
 
 def test_demo_command_runs_and_report_shows_the_same_counts(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("MONGO_URL", "MONGO_DB")}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MONGO_URL", "MONGO_DB")}, "PYTHONPATH": PYTHONPATH}
     demo = subprocess.run([sys.executable, "-m", "crm_states.cli", "demo", "--profiles", "300"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
@@ -125,6 +127,11 @@ def test_demo_command_runs_and_report_shows_the_same_counts(tmp_path: Path) -> N
     assert "[*] → NotChecked → RequestedContact → UnexpectedResponse → WroteUnexpectedResponse" in demo.stdout
     assert "9 signups met the database outage" in demo.stdout and "restored 9" in demo.stdout
     assert "LoggedDbFailure                       9" in demo.stdout
+    assert "They stay in LoggedDbFailure until `crm-states resume --machine new_user_signup" in demo.stdout
+    # The signup phase shows its progress as the validation phase does (plain lines when not on a terminal).
+    progress = [line for line in demo.stderr.splitlines() if line.startswith("signed up ")]
+    assert progress[-1].startswith("signed up 90/90 new users; ") and "WroteSalesforceAppUserUid" in progress[-1]
+    assert 2 <= len(progress) <= 11
     report = subprocess.run([sys.executable, "-m", "crm_states.cli", "report"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
@@ -132,11 +139,12 @@ def test_demo_command_runs_and_report_shows_the_same_counts(tmp_path: Path) -> N
 
 
 def test_bad_flags_and_unreachable_database_give_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     bad = subprocess.run([sys.executable, "-m", "crm_states.cli", "demo", "--profiles", "zero"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+                         env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected a whole number" in bad.stderr and "Traceback" not in bad.stderr
     down = subprocess.run([sys.executable, "-m", "crm_states.cli", "report", "--mongo-url",
                            "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 3, down.stderr
     assert down.stderr.startswith("crm-states: cannot reach MongoDB") and "Traceback" not in down.stderr

@@ -28,10 +28,10 @@ from crm_states.crm import CrmLimitExceeded, RetryPolicy, SalesforceConnectionMa
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.crm.salesforce import TokenCache
 from crm_states.journal import Journal, read_entries, replay_file
-from crm_states.store import Store, StoreUnavailable, position_of
+from crm_states.store import POSITIONS, Store
 from crm_states.testing import Fault, FakeSalesforce
 from machines import change_email, mailing_list_signup, mark_as_spam
-from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path
+from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path, expect_commits
 from tests.test_machine_properties import CRM_FAILURES, DB_FAULTS, _check_common
 
 APP_USER, APP_DATA = "Sefaria_App_User__c", "Sefaria_App_Data__c"
@@ -52,40 +52,36 @@ def _world(faults: set, journal_dir: str) -> tuple[CrmStates, ReviewCrm, Store, 
     raw = mongomock.MongoClient().db
     plan = WritePlan(faults)
     crm = ReviewCrm()
-    app = CrmStates(store=Store(FlakyDatabase(raw, plan)), crm=crm, journal=Journal(Path(journal_dir) / "j.jsonl"))
+    app = CrmStates(store=Store(FlakyDatabase(raw, plan)), crm=crm, journal=Journal(Path(journal_dir) / "j.jsonl"),
+                    claim_wait=0)
     return app, crm, Store(raw), plan
 
 
-def _fails(faults: set):
-    return lambda kind, n: (("crm_transitions" if kind == "insert" else "profiles"), kind, n) in faults
-
-
-def _expected(faults: set, spec: Any, request: str, answered: str, success: str, error: str) -> tuple[Any, Any]:
-    """(the state the run ends in, the state persisted) for a write-ahead flow: commit 1 is the
+def _expected(faults: set, spec: Any, request: str, answered: str, success: str, error: str,
+              writes_error: bool = True) -> tuple[Any, Any, Any]:
+    """(the state the run ends in, the state persisted, the writes) for a write-ahead flow: commit 1 is the
     write-ahead (a failure interrupts the run before the CRM is called), commit 2 the result with its
-    write, commit 3 the DB-failure edge taken when commit 2 failed."""
-    fails = _fails(faults)
-    if fails("insert", 1):
-        return None, None
+    write (OK writes nothing to the profile; an error its CrmLog line, when there is a profile), and a
+    failed commit 2 takes the DB-failure edge."""
     if answered == "halted":
-        return request, request
-    if fails("insert", 2):
-        return "LoggedDbFailure", (request if fails("insert", 3) else "LoggedDbFailure")
-    state = success if answered == "OK" else error
-    return state, state
+        expected, persisted, commits = expect_commits(faults, [(False, False)], "LoggedDbFailure", [request])
+        return (None if expected is None else request), persisted, commits
+    final = success if answered == "OK" else error
+    writes = answered != "OK" and writes_error
+    return expect_commits(faults, [(False, False), (writes, True)], "LoggedDbFailure", [request, final])
 
 
 def _check_run(spec: Any, result: Any, clean: Store, pid: int, journal: Path, expected: Any, persisted: Any,
-               code: str, error: str) -> dict[str, Any]:
+               code: str, commits: Any) -> dict[str, Any]:
     if expected is None:
         assert result.outcome == "interrupted"
     elif persisted == expected and expected in spec.terminal:
         assert result.state == expected and result.finished
     _check_common(spec, clean, pid, journal, expected)
-    profile = clean.get_profile(pid)
-    assert position_of(profile, spec.name).state == persisted
+    profile = clean.get_profile(pid) or {}
+    assert clean.position(pid, spec.name).state == persisted
     logs = profile.get("CrmLog", [])
-    assert len(logs) == (1 if persisted == error else 0)
+    assert len(logs) == (1 if commits.profile_writes[:1] == [True] else 0)
     if logs:
         assert logs[0].startswith(f"{code}-") and ": " in logs[0]
     return profile
@@ -99,10 +95,10 @@ def _replay_and_resume(spec: Any, app: CrmStates, crm: InMemoryCrm, clean: Store
     replay_file(clean, journal)
     again = replay_file(clean, journal)
     assert (again.applied, again.unchanged) == (0, 1)
-    assert position_of(clean.get_profile(pid), spec.name).state == "LoggedDbFailure"
+    assert clean.position(pid, spec.name).state == "LoggedDbFailure"
     assert_history_is_path(spec, clean.history(pid, spec.name))
     sent = [c for c in crm.calls if c[0] == method]
-    [resumed] = app.redrive(spec.name, [clean.get_profile(pid)])
+    [resumed] = app.redrive(spec.name, [clean.get_profile(pid) or {"id": pid}])
     resent = [c for c in crm.calls if c[0] == method][len(sent):]
     if answered == "OK":
         assert resumed.state == success and resent == []
@@ -133,8 +129,8 @@ def test_change_email_histories_are_diagram_paths(crm_outcome: str, faults: set)
 
         sends = crm_outcome not in ("no_crm_id", "bad_email")
         answered = {"ok": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
-        expected, persisted = _expected(faults, change_email.SPEC, "RequestEmailChangeInSalesforce", answered,
-                                        "WroteEmailChange", "WroteSalesforceErrorToDb")
+        expected, persisted, commits = _expected(faults, change_email.SPEC, "RequestEmailChangeInSalesforce",
+                                                 answered, "WroteEmailChange", "WroteSalesforceErrorToDb")
         calls = [c for c in crm.calls if c[0] == "change_user_email"]
         assert calls == ([("change_user_email", (app_user, NEW_EMAIL))] if sends and expected else [])
         assert crm.app_users[app_user]["email"] == (NEW_EMAIL if crm_outcome == "ok" and expected else OLD_EMAIL)
@@ -142,21 +138,29 @@ def test_change_email_histories_are_diagram_paths(crm_outcome: str, faults: set)
             assert result.outcome == "halted" and "API limit" in (result.error or "")
         journal = Path(tmp) / "j.jsonl"
         doc = _check_run(change_email.SPEC, result, clean, 9, journal, expected, persisted,
-                         "EmailChangeSalesforceWriteError", "WroteSalesforceErrorToDb")
+                         "EmailChangeSalesforceWriteError", commits)
         # The CRM id does not change and nothing but the run's own fields is written.
         assert doc.get("sf_app_user_id") == profile.get("sf_app_user_id")
-        assert set(doc) <= {"_id", "id", "sf_app_user_id", "crm_state", "CrmLog"}
+        assert set(doc) <= {"_id", "id", "sf_app_user_id", "CrmLog"}
         if persisted in ("WroteEmailChange", "WroteSalesforceErrorToDb"):
-            assert position_of(doc, change_email.NAME).detail["new_email"] == email
+            assert clean.position(9, change_email.NAME).detail["new_email"] == email
 
         if expected == "LoggedDbFailure":
             _replay_and_resume(change_email.SPEC, app, crm, clean, plan, 9, journal, answered, "change_user_email",
                                "WroteEmailChange", "WroteSalesforceErrorToDb")
         if answered == "halted" and expected:
-            # The run stopped at its write-ahead state; the next call finishes it (one more request).
+            # The run stopped at its write-ahead state and released its claim (nothing was sent): the next
+            # call finishes it (one more request). If that release was refused too, the claim stands until it
+            # expires: the next call sends nothing and says the run is claimed.
+            released = (POSITIONS, "update", 2) not in faults
             plan.failing.clear()
-            assert app.change_email(9, NEW_EMAIL).state == "WroteEmailChange"
-            assert crm.app_users[app_user]["email"] == NEW_EMAIL
+            again = app.change_email(9, NEW_EMAIL)
+            if released:
+                assert again.state == "WroteEmailChange"
+                assert crm.app_users[app_user]["email"] == NEW_EMAIL
+            else:
+                assert again.outcome == "claimed" and "holds this run" in again.error
+                assert [c for c in crm.calls if c[0] == "change_user_email"] == calls
             assert_history_is_path(change_email.SPEC, clean.history(9, change_email.NAME))
 
 
@@ -179,8 +183,8 @@ def test_mark_as_spam_histories_are_diagram_paths(crm_outcome: str, review: bool
 
         method = "mark_for_review_in_crm" if review else "mark_as_spam_in_crm"
         answered = {"ok": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
-        expected, persisted = _expected(faults, mark_as_spam.SPEC, "RequestMarkAsSpamInCrm", answered,
-                                        "WroteMarkedAsSpam", "WroteCrmErrorToDb")
+        expected, persisted, commits = _expected(faults, mark_as_spam.SPEC, "RequestMarkAsSpamInCrm", answered,
+                                                 "WroteMarkedAsSpam", "WroteCrmErrorToDb")
         sent = crm_outcome != "no_crm_id" and expected is not None
         assert crm.calls == ([(method, (app_user,))] if sent else [])
         done = crm_outcome == "ok" and expected is not None
@@ -188,13 +192,13 @@ def test_mark_as_spam_histories_are_diagram_paths(crm_outcome: str, review: bool
         assert crm.app_users[app_user].get("review", False) == (done and review)
         journal = Path(tmp) / "j.jsonl"
         doc = _check_run(mark_as_spam.SPEC, result, clean, 4, journal, expected, persisted,
-                         "SpamMarkCrmWriteError", "WroteCrmErrorToDb")
-        assert set(doc) <= {"_id", "id", "sf_app_user_id", "crm_state", "CrmLog"}
+                         "SpamMarkCrmWriteError", commits)
+        assert set(doc) <= {"_id", "id", "sf_app_user_id", "CrmLog"}
         if persisted in ("WroteMarkedAsSpam", "WroteCrmErrorToDb"):
-            detail = position_of(doc, mark_as_spam.NAME).detail
+            detail = clean.position(4, mark_as_spam.NAME).detail
             assert detail["action"] == ("mark_for_review" if review else "mark_as_spam")
-        if persisted == "WroteCrmErrorToDb":
-            assert doc["CrmLog"][0].split(": ", 1)[1].startswith(detail["action"])
+        if doc.get("CrmLog"):
+            assert doc["CrmLog"][0].split(": ", 1)[1].startswith("mark_for_review" if review else "mark_as_spam")
 
         if expected == "LoggedDbFailure":
             _replay_and_resume(mark_as_spam.SPEC, app, crm, clean, plan, 4, journal, answered, method,
@@ -219,30 +223,24 @@ def test_mailing_list_signup_histories_are_diagram_paths(crm_outcome: str, with_
         pid = 21 if with_profile else mailing_list_signup.signup_id(email)
         assert pid > 0 if with_profile else pid < 0
 
-        if not with_profile and ("profiles", "update", 1) in faults:
-            # The signup's own document cannot be created: nothing is sent, the caller gets the error.
-            with pytest.raises(StoreUnavailable):
-                app.subscribe(email, lists, first_name="Noa")
-            assert crm.calls == [] and clean.get_profile(pid) is None
-            return
         result = app.subscribe(email, lists, profile_id=21 if with_profile else None, first_name="Noa")
 
         assert result.profile_id == pid
         answered = {"ok": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
-        expected, persisted = _expected(faults, mailing_list_signup.SPEC, "RequestAddToMailingLists", answered,
-                                        "WroteMailingListSignup", "WroteSalesforceErrorToDb")
+        expected, persisted, commits = _expected(faults, mailing_list_signup.SPEC, "RequestAddToMailingLists",
+                                                 answered, "WroteMailingListSignup", "WroteSalesforceErrorToDb",
+                                                 writes_error=with_profile)
         sent = crm_outcome != "no_lists" and expected is not None
         assert crm.calls == ([("add_email_to_mailing_lists", (email, tuple(lists)))] if sent else [])
         subscribed = crm_outcome == "ok" and expected is not None
         assert all((email in crm.mailing_lists.get(name, set())) == subscribed for name in lists)
         journal = Path(tmp) / "j.jsonl"
-        doc = _check_run(mailing_list_signup.SPEC, result, clean, pid, journal, expected, persisted,
-                         "MailingListSignupSalesforceWriteError", "WroteSalesforceErrorToDb")
-        if not with_profile:
-            assert doc["mailing_list_only"] is True and doc["email"] == "reader@example.org"
-            assert "sf_app_user_id" not in doc and "nationbuilder_id" not in doc
+        _check_run(mailing_list_signup.SPEC, result, clean, pid, journal, expected, persisted,
+                   "MailingListSignupSalesforceWriteError", commits)
+        if not with_profile:  # a signup without an account lives in our collection only
+            assert clean.get_profile(pid) is None
         if persisted in ("WroteMailingListSignup", "WroteSalesforceErrorToDb"):
-            detail = position_of(doc, mailing_list_signup.NAME).detail
+            detail = clean.position(pid, mailing_list_signup.NAME).detail
             assert (detail["email"], detail["lists"], detail["first_name"]) == (email, lists, "Noa")
 
         if expected == "LoggedDbFailure":
@@ -340,7 +338,7 @@ def test_mark_as_spam_and_for_review_over_http(db, fake: FakeSalesforce) -> None
     # Salesforce has no spam action: both set Manual_Review_Required__c (the client's business).
     assert fake.record(APP_USER, spam)["Manual_Review_Required__c"] is True
     assert fake.record(APP_USER, other)["Manual_Review_Required__c"] is True
-    assert app.store.get_profile(2)["crm_state"]["mark_as_spam"]["detail"]["action"] == "mark_for_review"
+    assert app.position(2, mark_as_spam.NAME).detail["action"] == "mark_for_review"
     fake.inject(Fault.error(503), times=3, kind="update")
     assert app.mark_as_spam(1).state == "WroteCrmErrorToDb"
     assert "503" in db.profiles.find_one({"id": 1})["CrmLog"][0]
@@ -358,9 +356,10 @@ def test_mailing_list_signup_over_http_with_and_without_a_profile(db, fake: Fake
         ("reader@example.org", ["Weekly Parasha"], "Hebrew"), ("member@example.org", ["Daf Yomi"], "English")]
     assert payloads[1]["First_Name__c"] == "Avi" and payloads[1]["Educator__c"] is True
     assert fake.records(APP_USER) == []  # email only: no app user is made
-    # A second signup of the same address is a new run on the same document.
+    # A second signup of the same address is a new run under the same id; Sefaria's profiles are untouched.
     assert app.subscribe("Reader@Example.org", ["Daf Yomi"]).profile_id == anonymous.profile_id
-    assert db.profiles.count_documents({"mailing_list_only": True}) == 1
+    assert db.profiles.count_documents({}) == 1
+    assert [t.dest for t in app.history(anonymous.profile_id, mailing_list_signup.NAME)].count("WroteMailingListSignup") == 2
     assert_history_is_path(mailing_list_signup.SPEC, app.history(anonymous.profile_id, mailing_list_signup.NAME))
 
 
@@ -385,7 +384,7 @@ def test_db_failure_then_replay_resume_and_report_through_the_cli(name: str, db,
     app_user = fake.insert(APP_USER, {"Sefaria_App_Email__c": OLD_EMAIL})
     db.profiles.insert_one({"id": 5, "sf_app_user_id": app_user})
     journal = tmp_path / "journal.jsonl"
-    flaky = CrmStates.open(FlakyDatabase(db, WritePlan({("crm_transitions", "insert", 2)})), _client(fake),
+    flaky = CrmStates.open(FlakyDatabase(db, WritePlan({(POSITIONS, "update", 2)})), _client(fake),
                            journal_path=str(journal))
     result = flow["run"](flaky, 5)
     assert result.state == "LoggedDbFailure" and result.journaled
@@ -401,7 +400,10 @@ def test_db_failure_then_replay_resume_and_report_through_the_cli(name: str, db,
     assert main(["replay", str(journal), *base]) == 0
     assert main(["replay", str(journal), *base]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "1 journal entries: 0 applied, 1 already applied; 0 other lines skipped"
+    assert out[-2] == f"1 journal entries in {journal}: 0 applied now, 1 already applied (replay restores the " \
+                      f"journaled history and profile data)"
+    assert out[-1] == f"  1 of their profiles stay in LoggedDbFailure ({name}) until `crm-states resume --machine " \
+                      f"{name} --state LoggedDbFailure` moves them on"
     assert main(["resume", "--machine", name, "--state", "LoggedDbFailure", *base]) == 0
     resumed = capsys.readouterr().out
     assert "1 profiles in LoggedDbFailure re-driven:" in resumed and flow["success"] in resumed

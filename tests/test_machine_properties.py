@@ -2,7 +2,8 @@
 the diagram from [*], the final state is the one the outcomes imply, and the side effects match it.
 
 Runs on mongomock for speed (one profile at a time, so no bulk_write); tests/test_store_mongo.py shows
-the same machinery on a real wire-protocol server.
+the same machinery on a real server. ``Commits`` models the store's protocol: a step's guarded profile
+write (an update of ``profiles``) comes first, then its position (an update of ``crm_positions``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from crm_states.api import CrmStates
 from crm_states.crm import CrmError, CrmRejected, CrmTransientError
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, read_entries, replay_file
-from crm_states.store import Store, position_of
+from crm_states.store import POSITIONS, Store
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
-from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path
+from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path, expect_commits
 
 CRM_FAILURES = {
     "5xx": lambda: CrmTransientError("503 Service Unavailable", status=503),
@@ -30,9 +31,9 @@ CRM_FAILURES = {
     "rejected": lambda: CrmRejected("400 MALFORMED_QUERY", status=400),
     "bug": lambda: RuntimeError("unexpected bug"),
 }
-DB_FAULTS = st.sets(st.sampled_from([("crm_transitions", "insert", 1), ("crm_transitions", "insert", 2),
-                                     ("crm_transitions", "insert", 3), ("profiles", "update", 1),
-                                     ("profiles", "update", 2)]), max_size=3)
+DB_FAULTS = st.sets(st.sampled_from([(POSITIONS, "update", 1), (POSITIONS, "update", 2), (POSITIONS, "update", 3),
+                                     ("profiles", "update", 1), ("profiles", "update", 2)]), max_size=3)
+
 
 NB_SUCCESS = {"OkResponse": "WroteSalesforceAppUserUid", "NotFound": "WroteNotFound",
               "UnexpectedResponse": "WroteUnexpectedResponse"}
@@ -45,17 +46,15 @@ def _world(faults: set, journal_dir: str) -> tuple[CrmStates, InMemoryCrm, Store
     raw = mongomock.MongoClient().db
     plan = WritePlan(faults)
     crm = InMemoryCrm()
-    Store(raw).ensure_indexes([nb.NAME, signup.NAME])
+    Store(raw).ensure_indexes()
     app = CrmStates(store=Store(FlakyDatabase(raw, plan)), crm=crm, journal=Journal(Path(journal_dir) / "j.jsonl"))
     return app, crm, Store(raw), plan
 
 
 def _check_common(spec, clean: Store, profile_id: int, journal: Path, expected_final: str | None) -> None:
-    clean.settle(profile_id, spec.name)
     history = clean.history(profile_id, spec.name)
     assert_history_is_path(spec, history)
-    profile = clean.get_profile(profile_id)
-    persisted = position_of(profile, spec.name).state
+    persisted = clean.position(profile_id, spec.name).state
     assert persisted == (history[-1].dest if history else None)
     entries = list(read_entries(journal.read_text().splitlines())) if journal.exists() else []
     assert (len(entries) == 1) == (expected_final in spec.db_failure_states)
@@ -77,36 +76,34 @@ def test_nb_validation_histories_are_diagram_paths(crm_outcome: str, faults: set
         result = app.validate_profile(7)
 
         # The lookup is a read, so a run's transitions are committed once, with the outcome and its
-        # write: commit 1 holds the whole path; if it fails, commit 2 takes the DB-failure edge.
-        fails = lambda kind, n: (("crm_transitions" if kind == "insert" else "profiles"), kind, n) in faults  # noqa: E731
+        # write; if that fails, a second commit takes the DB-failure edge.
         if junk_id:
             assert crm.calls == []
-            expected = persisted_expected = None if fails("insert", 1) else "ScriptFailureLogged"
+            expected, persisted_expected, commits = expect_commits(faults, [(False, False)], "", ["ScriptFailureLogged"])
             if expected is None:
                 assert result.outcome == "interrupted"
         else:
             mid = {"found": "OkResponse", "absent": "NotFound"}.get(crm_outcome, "UnexpectedResponse")
-            if fails("insert", 1):
-                expected = NB_FAILURE[mid]
-                persisted_expected = None if fails("insert", 2) else expected
-            else:
-                expected = persisted_expected = NB_SUCCESS[mid]
+            expected, persisted_expected, commits = expect_commits(faults, [(True, True)], NB_FAILURE[mid],
+                                                                  [NB_SUCCESS[mid]])
         if expected is not None:
             assert result.state == expected
         journal = Path(tmp) / "j.jsonl"
         _check_common(nb.SPEC, clean, 7, journal, expected)
         profile = clean.get_profile(7)
-        assert position_of(profile, nb.NAME).state == persisted_expected
+        assert clean.position(7, nb.NAME).state == persisted_expected
         if persisted_expected == "ScriptFailureLogged":
-            error = position_of(profile, nb.NAME).detail["error"]
+            error = clean.position(7, nb.NAME).detail["error"]
             assert "nationbuilder_id must be a positive integer below 2**63, got 'n/a'" in error
-        assert ("sf_app_user_id" in profile) == (persisted_expected == "WroteSalesforceAppUserUid")
-        if crm_outcome == "found" and persisted_expected == "WroteSalesforceAppUserUid":
+        profile_written = commits.profile_writes[:1] == [True]
+        assert ("sf_app_user_id" in profile) == (profile_written and mid == "OkResponse" if not junk_id else False)
+        if crm_outcome == "found" and profile_written:
             assert profile["sf_app_user_id"] == app_user
         logs = profile.get("CrmLog", [])
-        assert len(logs) == (1 if persisted_expected in NB_LOG else 0)
+        wrote_log = not junk_id and profile_written and NB_SUCCESS[mid] in NB_LOG
+        assert len(logs) == (1 if wrote_log else 0)
         if logs:
-            assert logs[0].startswith(NB_LOG[persisted_expected])
+            assert logs[0].startswith(NB_LOG[NB_SUCCESS[mid]])
 
         if expected in nb.SPEC.db_failure_states:
             # The journal restores what Mongo refused; a second replay changes nothing.
@@ -114,7 +111,7 @@ def test_nb_validation_histories_are_diagram_paths(crm_outcome: str, faults: set
             second = replay_file(clean, journal)
             assert (second.applied, second.unchanged) == (0, 1)
             profile = clean.get_profile(7)
-            assert position_of(profile, nb.NAME).state == expected
+            assert clean.position(7, nb.NAME).state == expected
             if expected == "DbWriteOkErrorLogged":
                 assert profile["sf_app_user_id"] == app_user
             assert_history_is_path(nb.SPEC, clean.history(7, nb.NAME))
@@ -140,19 +137,15 @@ def test_signup_histories_are_diagram_paths(crm_outcome: str, faults: set) -> No
 
         result = app.run_signup(9, email=email, first_name="Shira", last_name="O'Neil")  # type: ignore[arg-type]
 
-        fails = lambda kind, n: (("crm_transitions" if kind == "insert" else "profiles"), kind, n) in faults  # noqa: E731
         creates = [c for c in crm.calls if c[0] == "add_user_to_crm"]
-        if fails("insert", 1):
-            expected = persisted_expected = None
+        mid = "OK" if crm_outcome == "ok" else "UnexpectedResponse"
+        final = {"OK": "WroteSalesforceAppUserUid", "UnexpectedResponse": "WroteSalesforceErrorToDb"}[mid]
+        # Commit 1 is write-ahead (the position only, before the create); commit 2 writes the outcome.
+        expected, persisted_expected, commits = expect_commits(faults, [(False, False), (True, True)],
+                                                               "LoggedDbFailure", ["RequestAddToSalesforce", final])
+        if expected is None:
             assert result.outcome == "interrupted" and creates == []
         else:
-            mid = "OK" if crm_outcome == "ok" else "UnexpectedResponse"
-            if fails("insert", 2):
-                expected = "LoggedDbFailure"
-                persisted_expected = "RequestAddToSalesforce" if fails("insert", 3) else expected
-            else:
-                expected = persisted_expected = {"OK": "WroteSalesforceAppUserUid",
-                                                 "UnexpectedResponse": "WroteSalesforceErrorToDb"}[mid]
             assert result.state == expected
             assert len(creates) == (0 if crm_outcome == "bad_email" else 1)
             if creates:
@@ -160,10 +153,11 @@ def test_signup_histories_are_diagram_paths(crm_outcome: str, faults: set) -> No
         journal = Path(tmp) / "j.jsonl"
         _check_common(signup.SPEC, clean, 9, journal, expected)
         profile = clean.get_profile(9)
-        assert position_of(profile, signup.NAME).state == persisted_expected
-        assert ("sf_app_user_id" in profile) == (persisted_expected == "WroteSalesforceAppUserUid")
+        assert clean.position(9, signup.NAME).state == persisted_expected
+        profile_written = commits.profile_writes[:1] == [True]
+        assert ("sf_app_user_id" in profile) == (profile_written and mid == "OK")
         logs = profile.get("CrmLog", [])
-        assert len(logs) == (1 if persisted_expected == "WroteSalesforceErrorToDb" else 0)
+        assert len(logs) == (1 if profile_written and mid == "UnexpectedResponse" else 0)
         if logs:
             assert logs[0].startswith("NewUserSalesforceWriteError-")
             assert ": " in logs[0]

@@ -9,19 +9,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 
+import attrs
 import pytest
 
 from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager
 from crm_states.crm.salesforce import TokenCache
-from crm_states.leases import LEASES, Owner, RangeLeases
+from crm_states.leases import LEASES, RangeLeases
+from crm_states.owners import Holder
+from crm_states.store import POSITIONS
 from crm_states.runner import RunnerConfig, ValidationRunner
 from crm_states.testing import FakeSalesforce
 from machines import nb_profile_validation as nb
-from tests.faults import assert_history_is_path
+from tests.faults import assert_history_is_path, history_lengths, states_by_profile
 
 APP_USER = "Sefaria_App_User__c"
 
@@ -47,11 +49,11 @@ def app_for(db, fake: FakeSalesforce) -> CrmStates:
 
 
 def assert_all_validated(db, found: set[int], n: int) -> None:
-    states = {p["id"]: p["crm_state"][nb.NAME]["state"] for p in db.profiles.find({}, {"id": 1, "crm_state": 1})}
+    states = states_by_profile(db, nb.NAME)
     assert len(states) == n
     for pid, state in states.items():
         assert state == ("WroteSalesforceAppUserUid" if pid in found else "WroteNotFound"), pid
-    per_profile = Counter(doc["profile_id"] for doc in db.crm_transitions.find({}, {"profile_id": 1}))
+    per_profile = history_lengths(db, nb.NAME)
     assert set(per_profile.values()) == {4}  # [*] -> NotChecked -> RequestedContact -> X -> Wrote*: no transition twice
 
 
@@ -62,7 +64,7 @@ def test_runner_validates_every_pending_profile_with_one_lookup_per_range(db, fa
     assert report.processed == report.pending_at_start == 2500
     assert report.states == {"WroteSalesforceAppUserUid": len(found), "WroteNotFound": 2500 - len(found)}
     assert fake.counts["query"] == 5 and fake.counts["token"] == 1  # 2,500 profiles: 5 lookups
-    assert db.profiles.count_documents({"id": {"$gt": 9000}, "crm_state": {"$exists": True}}) == 0
+    assert db[POSITIONS].count_documents({"profile_id": {"$gt": 9000}}) == 0
     db.profiles.delete_many({"id": {"$gt": 9000}})
     assert_all_validated(db, found, 2500)
     again = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=500)).run()
@@ -73,10 +75,10 @@ def test_dry_run_and_limit(db, fake: FakeSalesforce) -> None:
     seed(db, fake, 300)
     dry = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=100, dry_run=True)).run()
     assert dry.pending_at_start == 300 and "dry run" in dry.stopped
-    assert fake.total_requests == 0 and db.crm_transitions.count_documents({}) == 0
+    assert fake.total_requests == 0 and db[POSITIONS].count_documents({}) == 0
     limited = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=100, limit=150)).run()
     assert limited.processed == 150
-    assert db.profiles.count_documents({f"crm_state.{nb.NAME}": {"$exists": True}}) == 150
+    assert db[POSITIONS].count_documents({"machine": nb.NAME}) == 150
 
 
 def test_the_api_limit_stops_the_run_and_a_later_run_finishes(db, fake: FakeSalesforce) -> None:
@@ -120,17 +122,36 @@ def test_leases_expire_and_dead_owners_are_taken_over(db) -> None:
     assert mine.claim(0) and not other.claim(0) and mine.claim(0)
     mine.release(0)
     assert other.claim(0)
-    dead = RangeLeases(db[LEASES], nb.NAME, owner=Owner(Owner.me().host, 2**22 + 12345, "gone"))
+    me = Holder.me()
+    # A holder on this host, boot and PID namespace whose process does not run: taken over at once.
+    dead = RangeLeases(db[LEASES], nb.NAME, holder=Holder(me.host, me.boot_id, me.pid_namespace, 2**22 + 12345,
+                                                          "1", "gone"))
     dead.agree_ranges(100, 1, 100)
     assert dead.claim(1)
-    assert mine.claim(1)  # its owner is no process on this host: taken over without waiting
-    short = RangeLeases(db[LEASES], nb.NAME, seconds=-1, owner=Owner("elsewhere", 1, "x"))
-    short.agree_ranges(100, 1, 100)
-    assert short.claim(2) and mine.claim(2)  # expired
-    assert dead.claim(3) and short.claim(4) and mine.claim(5)
-    assert mine.prune() == 2  # the dead owner's and the expired one; the live lease stays
+    assert mine.claim(1)
+    # This very PID with another start time is a reused PID, not this process: gone too.
+    reused = RangeLeases(db[LEASES], nb.NAME, holder=attrs.evolve(me, started="0", token="old"))
+    reused.agree_ranges(100, 1, 100)
+    assert reused.claim(6) and mine.claim(6)
+    # A holder elsewhere (another host, or another PID namespace) is waited out until its lease expires on
+    # the database's clock.
+    elsewhere = RangeLeases(db[LEASES], nb.NAME, seconds=0.2, holder=attrs.evolve(me, host="elsewhere", token="x"))
+    container = RangeLeases(db[LEASES], nb.NAME, seconds=60, holder=attrs.evolve(me, pid_namespace="pid:[1]", pid=1,
+                                                                                 token="c"))
+    for lease in (elsewhere, container):
+        lease.agree_ranges(100, 1, 100)
+    assert elsewhere.claim(2) and container.claim(7)
+    assert not mine.claim(2) and not mine.claim(7)
+    time.sleep(0.4)
+    assert mine.claim(2) and not mine.claim(7)  # expired; the container's PID 1 is not ours to judge
+    assert dead.claim(3) and elsewhere.claim(4) and mine.claim(5)
+    time.sleep(0.4)
+    assert mine.prune() == 2  # the dead holder's and the expired one; the live leases stay
     held = {lease["_id"].rsplit(":", 1)[1] for lease in db[LEASES].find({"owner": {"$exists": True}})}
-    assert held == {"0", "1", "2", "5"}
+    assert held == {"0", "1", "2", "5", "6", "7"}
+    assert mine.renew(5) and not elsewhere.renew(4)  # a pause past the lease: the lease is not renewed
+    with pytest.raises(ValueError):
+        RangeLeases(db[LEASES], nb.NAME, seconds=float("nan"))
 
 
 def test_sigkill_at_random_instants_then_a_final_run_finishes(db, mongo_url: str, fake: FakeSalesforce) -> None:
@@ -143,14 +164,14 @@ def test_sigkill_at_random_instants_then_a_final_run_finishes(db, mongo_url: str
     command = [sys.executable, "-m", "crm_states.cli", "validate-nb", "--chunk-size", "100", "--concurrency", "2"]
     rng = random.Random(20261124)
     kills = 0
-    validated = {f"crm_state.{nb.NAME}.state": {"$exists": True}}
+    validated = {"machine": nb.NAME, "state": {"$in": ["WroteSalesforceAppUserUid", "WroteNotFound"]}}
     for _ in range(6):
         # A random instant of the run, whatever the machine's speed: once a random number of further
         # profiles is written, plus a random fraction of a chunk's time.
-        target = db.profiles.count_documents(validated) + rng.randint(1, 400)
+        target = db[POSITIONS].count_documents(validated) + rng.randint(1, 400)
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while process.poll() is None and db.profiles.count_documents(validated) < target \
+        while process.poll() is None and db[POSITIONS].count_documents(validated) < target \
                 and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.1))

@@ -48,7 +48,7 @@ def test_a_failed_signup_returns_false_and_is_recorded(mediator: CrmMediator, db
     fake.inject(Fault.error(503), times=2)
     assert mediator.create_crm_user("yael@example.org", "Yael", "Levi") is False
     profile = db.profiles.find_one({"id": 2})
-    assert profile["crm_state"][signup.NAME]["state"] == "WroteSalesforceErrorToDb"
+    assert mediator.app.position(2, signup.NAME).state == "WroteSalesforceErrorToDb"
     assert profile["CrmLog"][0].startswith("NewUserSalesforceWriteError-")
 
 
@@ -73,8 +73,9 @@ def test_subscribe_to_lists_sends_the_email_only(mediator: CrmMediator, db, fake
     body = json.loads(data["JSON_STRING__c"])
     assert body["Action"] == "Newsletter" and body["Sefaria_App_Email__c"] == "guest@example.org"
     assert body["Newsletter_Names__c"] == ["Announcements_General"]
-    signup_doc = db.profiles.find_one({"id": mailing_list_signup.signup_id("guest@example.org")})
-    assert signup_doc["crm_state"][mailing_list_signup.NAME]["state"].startswith("Wrote")
+    position = mediator.app.position(mailing_list_signup.signup_id("guest@example.org"), mailing_list_signup.NAME)
+    assert position.state == "WroteMailingListSignup"
+    assert db.profiles.count_documents({"id": {"$lt": 0}}) == 0  # nothing written into Sefaria's collection
 
 
 def test_get_and_save_crm_id_never_overwrites(mediator: CrmMediator, db, fake: FakeSalesforce) -> None:

@@ -1,5 +1,6 @@
-"""The core against a real MongoDB wire-protocol server (SecantusDB in a separate process, or the
-MongoDB at CRM_STATES_TEST_MONGO_URL): persistence, compare-and-set, roll-forward, journal replay."""
+"""The core against a real MongoDB server (started by the tests, or the MongoDB at
+CRM_STATES_TEST_MONGO_URL): the project's own collection, compare-and-set, guarded profile writes,
+Sefaria's whole-document saves, journal replay."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from pymongo import MongoClient
 from crm_states.api import CrmStates
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, read_entries, replay_file
-from crm_states.records import START, Transition, new_run_id, utcnow
-from crm_states.store import ConcurrentTransition, ProfileNotFound, Store, Step, position_of
+from crm_states.records import START, Position, Transition, new_run_id, utcnow
+from crm_states.store import POSITIONS, ConcurrentTransition, ProfileNotFound, Step, Store
 from crm_states.testing.mongo import MongoServer
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 from tests.faults import assert_history_is_path
+
+SEFARIA_FIELDS = ("id", "slug", "nationbuilder_id", "sf_app_user_id", "is_sustainer", "settings")
 
 
 @pytest.fixture
@@ -28,6 +31,13 @@ def crm() -> InMemoryCrm:
 @pytest.fixture
 def app(db, crm: InMemoryCrm, tmp_path: Path) -> CrmStates:
     return CrmStates.open(db, crm, journal_path=str(tmp_path / "journal.jsonl"))
+
+
+def sefaria_save(db, profile_id: int, stale: dict) -> None:
+    """What Sefaria's ``UserProfile.save()`` does: replace the whole document with its fixed field list,
+    from a copy loaded earlier (``stale``); any other field (a ``CrmLog``) is gone afterwards."""
+    current = db.profiles.find_one({"id": profile_id})
+    db.profiles.replace_one({"_id": current["_id"]}, {k: stale[k] for k in SEFARIA_FIELDS if k in stale})
 
 
 def test_both_machines_persist_every_transition(app: CrmStates, db, crm: InMemoryCrm) -> None:
@@ -41,13 +51,12 @@ def test_both_machines_persist_every_transition(app: CrmStates, db, crm: InMemor
 
     one = db.profiles.find_one({"id": 1})
     assert one["sf_app_user_id"] == app_user
-    assert one["crm_state"][nb.NAME]["state"] == "WroteSalesforceAppUserUid"
-    assert set(one["crm_state"][nb.NAME]) >= {"state", "run_id", "seq", "at"}
+    assert set(one) == {"_id", "id", "nationbuilder_id", "sf_app_user_id"}  # no state inside Sefaria's document
+    position = app.position(1, nb.NAME)
+    assert position is not None and position.state == "WroteSalesforceAppUserUid" and position.seq == 4
     assert [t.dest for t in app.history(1, nb.NAME)] == ["NotChecked", "RequestedContact", "OkResponse",
                                                           "WroteSalesforceAppUserUid"]
-    doc = db.crm_transitions.find_one({"profile_id": 1, "machine": nb.NAME, "seq": 3})
-    assert set(doc) >= {"profile_id", "machine", "run_id", "seq", "source", "dest", "trigger", "at", "detail"}
-    assert doc["detail"]["status"] == 200
+    assert app.history(1, nb.NAME)[2].detail["status"] == 200
     two = db.profiles.find_one({"id": 2})
     assert "sf_app_user_id" not in two
     assert len(two["CrmLog"]) == 1 and two["CrmLog"][0].startswith("NbProfileNotFoundInSalesforce-20")
@@ -55,6 +64,7 @@ def test_both_machines_persist_every_transition(app: CrmStates, db, crm: InMemor
     assert three["sf_app_user_id"] == crm.by_external_id["3"]
     for pid, spec in ((1, nb.SPEC), (2, nb.SPEC), (3, signup.SPEC)):
         assert_history_is_path(spec, app.history(pid, spec.name))
+    assert app.position(3, nb.NAME) is None
 
 
 def test_calling_again_changes_nothing_and_never_creates_twice(app: CrmStates, db, crm: InMemoryCrm) -> None:
@@ -71,30 +81,25 @@ def test_batch_validation_uses_one_crm_lookup(app: CrmStates, db, crm: InMemoryC
     for i in range(1, 51, 2):
         crm.add_app_user(nationbuilder_id=1000 + i)
     results = app.validate_profiles(list(db.profiles.find()))
-    assert [c[0] for c in crm.calls] == ["find_app_users_by_nationbuilder_ids"]
+    assert [c[0] for c in crm.calls] == ["lookup_app_users_by_nationbuilder_ids"]
     assert {r.state for r in results[0::2]} == {"WroteSalesforceAppUserUid"}
     assert {r.state for r in results[1::2]} == {"WroteNotFound"}
     assert app.store.count_by_state(nb.NAME) == {"WroteSalesforceAppUserUid": 25, "WroteNotFound": 25}
     assert {p["id"] for p in app.profiles_in_state(nb.NAME, "WroteNotFound")} == set(range(2, 51, 2))
 
 
-def test_a_machine_gets_its_state_index_when_first_used_and_no_other_machine_does(app: CrmStates, db) -> None:
-    def state_indexes() -> list[list[str]]:
-        return [[field for field, _ in info["key"]] for info in db.profiles.index_information().values()
-                if info["key"][0][0].startswith("crm_state.")]
-
-    assert state_indexes() == []  # opening builds none: each one makes every profile update dearer
+def test_listing_a_state_is_an_indexed_query_on_our_own_collection(app: CrmStates, db) -> None:
     db.profiles.insert_one({"id": 1, "nationbuilder_id": 7})
     app.validate_profile(1)
-    assert state_indexes() == [[f"crm_state.{nb.NAME}.state", f"crm_state.{nb.NAME}.at"]]
-    plan = db.profiles.find({f"crm_state.{nb.NAME}.state": "WroteNotFound"}).explain()["queryPlanner"]["winningPlan"]
-    assert "IXSCAN" in str(plan)
-    app.store.count_by_state(signup.NAME)  # listing or counting a machine builds its index too
-    assert len(state_indexes()) == 2
+    keys = [[field for field, _ in info["key"]] for info in db[POSITIONS].index_information().values()]
+    assert ["machine", "state", "at"] in keys and ["machine", "profile_id"] in keys
+    assert not any(info["key"][0][0].startswith("crm_state") for info in db.profiles.index_information().values())
+    plan = db[POSITIONS].find({"machine": nb.NAME, "state": "WroteNotFound"}).sort("at", 1).explain()
+    assert "IXSCAN" in str(plan["queryPlanner"]["winningPlan"])
 
 
 class BarrierStore(Store):
-    """Holds every commit until two writers have reached it, so they really race."""
+    """Holds every commit from an empty position until two writers have reached it, so they really race."""
 
     barrier = threading.Barrier(2, timeout=10)
 
@@ -106,52 +111,87 @@ class BarrierStore(Store):
 
 def test_two_writers_on_one_profile_exactly_one_wins(db, crm: InMemoryCrm) -> None:
     db.profiles.insert_one({"id": 8, "email": "race@example.org"})
-    Store(db).ensure_indexes([signup.NAME])
-    app = CrmStates(store=BarrierStore(db), crm=crm)
+    app = CrmStates(store=BarrierStore(db), crm=crm, claim_wait=0)
+    app.store.ensure_indexes()
     results = []
     threads = [threading.Thread(target=lambda: results.append(app.run_signup(8))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(20)
-    outcomes = sorted(r.outcome for r in results)
-    assert outcomes == ["conflict", "finished"]
-    loser = next(r for r in results if r.outcome == "conflict")
-    assert "moved from seq 0" in loser.error and "another writer" in loser.error
-    assert len(crm.app_users) == 1
+    # The loser's commit met the winner's; it went on from where the winner stood and adopted its end.
+    assert [(r.outcome, r.state) for r in results] == [("finished", "WroteSalesforceAppUserUid")] * 2
+    assert len(crm.app_users) == 1 and len([c for c in crm.calls if c[0] == "add_user_to_crm"]) == 1
     assert_history_is_path(signup.SPEC, Store(db).history(8, signup.NAME))
     assert len({t.run_id for t in Store(db).history(8, signup.NAME)}) == 1
 
 
-def test_crash_between_the_two_writes_is_rolled_forward_once(app: CrmStates, db, crm: InMemoryCrm) -> None:
-    """A writer died after inserting its transition documents but before moving the profile."""
+def test_a_crash_after_the_profile_write_is_simply_driven_again(app: CrmStates, db, crm: InMemoryCrm) -> None:
+    """A validation died after writing the profile and before moving its position: the next run looks the
+    profile up again and ends where the first one would have, with one history."""
     db.profiles.insert_one({"id": 20, "nationbuilder_id": 2020})
-    crm.add_app_user(nationbuilder_id=2020)
-    at = utcnow()
-    run = new_run_id(20, 1)
-    dangling = [Transition(20, nb.NAME, run, 1, START, "NotChecked", "start", at, by="crashed"),
-                Transition(20, nb.NAME, run, 2, "NotChecked", "RequestedContact",
-                           nb.SPEC.triggers[("NotChecked", "RequestedContact")], at, {"nationbuilder_id": 2020}, by="crashed")]
-    db.crm_transitions.insert_many([t.to_doc() for t in dangling])
-    assert position_of(db.profiles.find_one({"id": 20}), nb.NAME).state is None
+    app_user = crm.add_app_user(nationbuilder_id=2020)
+    db.profiles.update_one({"id": 20}, {"$set": {"sf_app_user_id": app_user}})
+    assert app.position(20, nb.NAME) is None
 
     result = app.validate_profile(20)
 
     assert result.state == "WroteSalesforceAppUserUid"
-    history = app.history(20, nb.NAME)
-    assert [t.run_id for t in history] == [run] * 4  # continued, not duplicated
-    assert [t.by for t in history][:2] == ["crashed", "crashed"]
-    assert_history_is_path(nb.SPEC, history)
+    assert db.profiles.find_one({"id": 20})["sf_app_user_id"] == app_user
+    assert len(app.history(20, nb.NAME)) == 4
+    assert_history_is_path(nb.SPEC, app.history(20, nb.NAME))
 
 
-def test_documents_that_do_not_chain_are_dropped(app: CrmStates, db) -> None:
-    db.profiles.insert_one({"id": 21, "nationbuilder_id": 2121})
-    # A leftover at the slot of seq 1 that does not start a run (a refused writer's document).
-    stray = Transition(21, nb.NAME, new_run_id(21, 1), 1, "OkResponse", "WroteSalesforceAppUserUid",
-                       "db_write_success", utcnow())
-    db.crm_transitions.insert_one(stray.to_doc())
-    assert app.validate_profile(21).state == "WroteNotFound"
-    assert_history_is_path(nb.SPEC, app.history(21, nb.NAME))
+def test_sefaria_replacing_the_profile_document_loses_no_state(app: CrmStates, db, crm: InMemoryCrm) -> None:
+    """Sefaria's save replaces the whole document with a stale copy at any instant: positions, history
+    and compare-and-set are unaffected; the data it erased is drift that heal writes back."""
+    db.profiles.insert_many([{"id": 70, "nationbuilder_id": 7070, "slug": "a"},
+                             {"id": 71, "nationbuilder_id": 7171, "slug": "b"}])
+    stale = {p["id"]: p for p in db.profiles.find()}
+    app_user = crm.add_app_user(nationbuilder_id=7070)
+    app.validate_profiles(list(db.profiles.find()))
+    for pid in (70, 71):
+        sefaria_save(db, pid, stale[pid])
+    assert "sf_app_user_id" not in db.profiles.find_one({"id": 70}) and "CrmLog" not in db.profiles.find_one({"id": 71})
+    assert app.position(70, nb.NAME).state == "WroteSalesforceAppUserUid"
+    assert app.position(71, nb.NAME).state == "WroteNotFound"
+
+    dry = app.heal(dry_run=True)
+    assert dry.drifted[nb.NAME] == 2 and dry.healed[nb.NAME] == 0
+    assert "sf_app_user_id" not in db.profiles.find_one({"id": 70})  # a dry run writes nothing
+    healed = app.heal()
+    assert healed.healed[nb.NAME] == 2
+    assert db.profiles.find_one({"id": 70})["sf_app_user_id"] == app_user
+    assert db.profiles.find_one({"id": 71})["CrmLog"][0].startswith("NbProfileNotFoundInSalesforce-")
+    assert app.heal().total_drifted == 0  # idempotent
+    # The machine goes on from where it stood: a restarted run is one more run on the same history.
+    assert app.validate_profile(71, restart=True).state == "WroteNotFound"
+    assert [t.dest for t in app.history(71, nb.NAME)].count("WroteNotFound") == 2
+    assert len(db.profiles.find_one({"id": 71})["CrmLog"]) == 1  # one line per finding, the newest
+
+
+def test_a_changed_nationbuilder_id_is_never_given_the_old_ids_result(app: CrmStates, db, crm: InMemoryCrm) -> None:
+    db.profiles.insert_one({"id": 72, "nationbuilder_id": 7272})
+    crm.add_app_user(nationbuilder_id=7272)
+    engine = app.engine(nb.NAME)
+    [run] = engine.prepare_all(list(db.profiles.find()))
+    db.profiles.update_one({"id": 72}, {"$set": {"nationbuilder_id": 7373}})  # Sefaria changes it mid-lookup
+    [result] = engine.drive([run])
+    assert result.outcome == "changed"
+    assert "sf_app_user_id" not in db.profiles.find_one({"id": 72})
+    assert app.position(72, nb.NAME) is None  # nothing committed: looked at again later
+    assert app.validate_profile(72).state == "WroteNotFound"
+
+
+def test_a_profile_deleted_mid_run_is_reported_and_leaves_no_history(app: CrmStates, db, crm: InMemoryCrm) -> None:
+    db.profiles.insert_one({"id": 73, "nationbuilder_id": 7474})
+    crm.add_app_user(nationbuilder_id=7474)
+    engine = app.engine(nb.NAME)
+    [run] = engine.prepare_all(list(db.profiles.find()))
+    db.profiles.delete_one({"id": 73})
+    [result] = engine.drive([run])
+    assert result.outcome == "deleted" and result.state is None
+    assert db[POSITIONS].count_documents({"profile_id": 73}) == 0
 
 
 def test_bad_input_is_refused_and_changes_nothing(app: CrmStates, db, crm: InMemoryCrm) -> None:
@@ -162,14 +202,26 @@ def test_bad_input_is_refused_and_changes_nothing(app: CrmStates, db, crm: InMem
     with pytest.raises(TypeError):
         app.run_signup(True)  # type: ignore[arg-type]
     with pytest.raises(ProfileNotFound, match="no profile with id 31"):
-        app.run_signup(31)
+        app.validate_profile(31)
     with pytest.raises(ValueError, match="unknown machine"):
         list(app.profiles_in_state("nope", "OK"))
     with pytest.raises(ValueError, match="has no state"):
         list(app.profiles_in_state(nb.NAME, "Nope"))
     assert list(db.profiles.find({}, {"_id": 0})) == before
-    assert db.crm_transitions.count_documents({}) == 0
+    assert db[POSITIONS].count_documents({}) == 0
     assert crm.calls == []
+
+
+def test_a_signup_before_the_profile_exists_reaches_it_once_created(app: CrmStates, db, crm: InMemoryCrm) -> None:
+    """Sefaria creates the app user before it saves the Mongo profile: the run needs no document, and
+    heal writes the id once the profile exists."""
+    result = app.run_signup(80, email="new@example.org", first_name="Noa", last_name="Levi")
+    assert result.state == "WroteSalesforceAppUserUid" and len(crm.app_users) == 1
+    assert db.profiles.count_documents({}) == 0  # nothing created in Sefaria's collection
+    assert app.heal(signup.NAME).waiting[signup.NAME] == 1
+    db.profiles.insert_one({"id": 80, "slug": "noa"})  # Sefaria saves the new profile
+    assert app.heal().healed[signup.NAME] == 1
+    assert db.profiles.find_one({"id": 80})["sf_app_user_id"] == crm.by_external_id["80"]
 
 
 @pytest.fixture
@@ -179,7 +231,7 @@ def failpoint_server(mongo_server_factory) -> MongoServer:
 
 
 def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: MongoServer, tmp_path: Path) -> None:
-    """A real server refuses every insert: the run lands in the DB-failure state in the journal only;
+    """A real server refuses every write: the run lands in the DB-failure state in the journal only;
     replay restores it, and a second replay changes nothing."""
     client: MongoClient = MongoClient(failpoint_server.url)
     db = client.sefaria
@@ -189,14 +241,14 @@ def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: Mon
     db.profiles.insert_one({"id": 40, "nationbuilder_id": 4040})
     app_user = crm.add_app_user(nationbuilder_id=4040)
     client.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
-                          "data": {"failCommands": ["insert"], "errorCode": 2}})
+                          "data": {"failCommands": ["update"], "errorCode": 2}})
     try:
         result = app.validate_profile(40)
     finally:
         client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
 
-    assert result.state == "DbWriteOkErrorLogged" and result.journaled
-    assert position_of(db.profiles.find_one({"id": 40}), nb.NAME).state is None
+    assert result.state == "DbWriteOkErrorLogged" and result.journaled and not result.persisted
+    assert app.position(40, nb.NAME) is None
     [entry] = list(read_entries(journal.read_text().splitlines()))
     assert entry.persisted is False and entry.write.set == {"sf_app_user_id": app_user}
 
@@ -205,7 +257,7 @@ def test_db_outage_takes_failure_edge_journals_and_replays(failpoint_server: Mon
     assert (first.applied, second.applied, second.unchanged) == (1, 0, 1)
     profile = db.profiles.find_one({"id": 40})
     assert profile["sf_app_user_id"] == app_user
-    assert position_of(profile, nb.NAME).state == "DbWriteOkErrorLogged"
+    assert app.position(40, nb.NAME).state == "DbWriteOkErrorLogged"
     assert_history_is_path(nb.SPEC, app.history(40, nb.NAME))
 
     calls = len(crm.calls)
@@ -239,18 +291,18 @@ def test_journal_file_is_append_only_jsonl(tmp_path: Path) -> None:
 
 def test_step_commit_refuses_a_second_writer_from_the_same_position(db) -> None:
     store = Store(db)
-    store.ensure_indexes([nb.NAME])
+    store.ensure_indexes()
     db.profiles.insert_one({"id": 60})
     first = Transition(60, nb.NAME, new_run_id(60, 1), 1, START, "NotChecked", "start", utcnow(), by="a")
-    assert store.commit([Step(60, nb.NAME, position_of(None, nb.NAME), (first,))]) == [None]
-    # The second writer read the same (empty) position, so it names its run the same way.
+    assert store.commit([Step(60, nb.NAME, Position(), (first,))]) == [None]
+    # The second writer read the same (empty) position.
     second = Transition(60, nb.NAME, new_run_id(60, 1), 1, START, "NotChecked", "start", utcnow(), by="b")
-    [error] = store.commit([Step(60, nb.NAME, position_of(None, nb.NAME), (second,))])
+    [error] = store.commit([Step(60, nb.NAME, Position(), (second,))])
     assert isinstance(error, ConcurrentTransition) and error.by == "a"
     assert (error.position.state, error.position.seq) == ("NotChecked", 1)
     # A writer continuing from a stale position collides the same way.
     moved = Transition(60, nb.NAME, new_run_id(60, 1), 2, "NotChecked", "RequestedContact", "x", utcnow(), by="a")
-    store.commit([Step(60, nb.NAME, error.position, (moved,))])
+    assert store.commit([Step(60, nb.NAME, error.position, (moved,))]) == [None]
     stale = Transition(60, nb.NAME, new_run_id(60, 1), 2, "NotChecked", "ScriptFailureLogged", "y", utcnow(), by="c")
     [error] = store.commit([Step(60, nb.NAME, error.position, (stale,))])
     assert isinstance(error, ConcurrentTransition) and error.position.state == "RequestedContact"

@@ -25,11 +25,11 @@ from crm_states.crm import CrmLimitExceeded, RetryPolicy, SalesforceConnectionMa
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.crm.salesforce import TokenCache
 from crm_states.journal import Journal, read_entries, replay_file
-from crm_states.store import Store, position_of
+from crm_states.store import POSITIONS, Store
 from crm_states.sustainers import sync_sustainers
 from crm_states.testing import Fault, FakeSalesforce
 from machines import sync_sustainers as machine
-from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path
+from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path, expect_commits
 from tests.test_machine_properties import CRM_FAILURES, DB_FAULTS, _check_common
 
 APP_USER = "Sefaria_App_User__c"
@@ -69,7 +69,6 @@ def test_sync_sustainers_histories_are_diagram_paths(mode: str, read: str, membe
             crm.fail_next(CrmLimitExceeded("REQUEST_LIMIT_EXCEEDED", status=403))
         elif read in CRM_FAILURES:
             crm.fail_next(CRM_FAILURES[read]())
-        fails = lambda kind, n: (("crm_transitions" if kind == "insert" else "profiles"), kind, n) in faults  # noqa: E731
         journal = Path(tmp) / "j.jsonl"
 
         if mode == "sync":
@@ -78,13 +77,13 @@ def test_sync_sustainers_histories_are_diagram_paths(mode: str, read: str, membe
             if read != "ok":
                 # The whole set could not be read: nothing changes, and the report says so.
                 assert report.read_failed and report.read_limit == (read == "limit")
-                assert clean.transitions.count_documents({}) == 0 and clean.get_profile(6) == {
+                assert clean.positions.count_documents({}) == 0 and clean.get_profile(6) == {
                     **profile, "_id": clean.get_profile(6)["_id"]}
                 return
             differs = has_crm_id and bool(was) != member
             assert (report.to_promote, report.to_demote) == ((int(differs and member), int(differs and not member)))
             if not differs:
-                assert sum(report.outcomes.values()) == 0 and clean.transitions.count_documents({}) == 0
+                assert sum(report.outcomes.values()) == 0 and clean.positions.count_documents({}) == 0
                 return
             answered, result_state = "OK", None
         else:
@@ -94,30 +93,28 @@ def test_sync_sustainers_histories_are_diagram_paths(mode: str, read: str, membe
             assert [c[0] for c in asked] == (["get_sustainers"] if has_crm_id else [])
             if has_crm_id and read == "limit":
                 # The API limit halts the batch; a read commits nothing before its outcome.
-                assert result.outcome == "halted" and clean.transitions.count_documents({}) == 0
+                assert result.outcome == "halted" and clean.positions.count_documents({}) == 0
                 return
             answered = "OK" if has_crm_id and read == "ok" else "UnexpectedResponse"
             result_state = result.state
 
         success = "WroteSustainerStatus" if answered == "OK" else "WroteUnexpectedResponse"
-        # A read: one commit holds the whole path; if it fails, the next takes the DB-failure edge.
-        if fails("insert", 1):
-            expected = "LoggedDbFailure"
-            persisted = None if fails("insert", 2) else expected
-        else:
-            expected = persisted = success
+        # A read: one commit holds the whole path with its profile write; if it fails, the next takes the
+        # DB-failure edge.
+        expected, persisted, commits = expect_commits(faults, [(True, True)], "LoggedDbFailure", [success])
         if result_state is not None:
             assert result_state == expected
         _check_common(SPEC, clean, 6, journal, expected)
         doc = clean.get_profile(6)
-        assert position_of(doc, machine.NAME).state == persisted
-        assert doc.get("is_sustainer") == (member if persisted == "WroteSustainerStatus" else was)
+        assert clean.position(6, machine.NAME).state == persisted
+        written = commits.profile_writes == [True]
+        assert doc.get("is_sustainer") == (member if written and answered == "OK" else was)
         logs = doc.get("CrmLog", [])
-        assert len(logs) == (1 if persisted == "WroteUnexpectedResponse" else 0)
+        assert len(logs) == (1 if written and answered != "OK" else 0)
         if logs:
             assert logs[0].startswith("SustainerSyncUnexpectedRes-") and ": " in logs[0]
         if persisted == "WroteSustainerStatus":
-            detail = position_of(doc, machine.NAME).detail
+            detail = clean.position(6, machine.NAME).detail
             assert (detail["crm_id"], detail["was"], detail["is_sustainer"]) == (app_user, bool(was), member)
 
         if expected == "LoggedDbFailure":
@@ -125,7 +122,7 @@ def test_sync_sustainers_histories_are_diagram_paths(mode: str, read: str, membe
             replay_file(clean, journal)
             again = replay_file(clean, journal)
             assert (again.applied, again.unchanged) == (0, 1)
-            assert position_of(clean.get_profile(6), machine.NAME).state == "LoggedDbFailure"
+            assert clean.position(6, machine.NAME).state == "LoggedDbFailure"
             calls = len(crm.calls)
             [resumed] = app.redrive(machine.NAME, [clean.get_profile(6)])
             if answered == "OK":  # the journaled status is written without reading the CRM again
@@ -227,8 +224,8 @@ def test_sync_writes_only_differences_in_bulk_batches_and_a_second_run_changes_n
     flags = _flags(db)
     assert [pid for pid, flag in flags.items() if flag] == [1, 2, 3, 4, 5, 6, 900]  # 900: no CRM id, left alone
     assert flags[9] is False and flags[10] is None and flags[901] is None  # only differences written
-    # 4 changes in batches of 2: one bulk insert of transitions and one bulk profile update per batch.
-    assert listener.seen == [("insert", "crm_transitions", 8), ("update", "profiles", 2)] * 2
+    # 4 changes in batches of 2: one bulk profile update and one bulk position update per batch.
+    assert listener.seen == [("update", "profiles", 2), ("update", POSITIONS, 2)] * 2
     app = CrmStates.open(db, _client(fake))
     for pid in (4, 9):
         [*_, last] = history = app.history(pid, machine.NAME)
@@ -236,10 +233,10 @@ def test_sync_writes_only_differences_in_bulk_batches_and_a_second_run_changes_n
         assert last.dest == "WroteSustainerStatus" and last.write.set == {"is_sustainer": pid == 4}
     assert app.history(1, machine.NAME) == []  # unchanged: no run at all
 
-    transitions = db.crm_transitions.count_documents({})
+    positions = list(db[POSITIONS].find())
     again = sync_sustainers(app)
     assert (again.to_promote, again.to_demote, again.changed) == (0, 0, 0)
-    assert db.crm_transitions.count_documents({}) == transitions and _flags(db) == flags
+    assert list(db[POSITIONS].find()) == positions and _flags(db) == flags
     assert ids  # seeded
 
 
@@ -251,7 +248,7 @@ def test_a_read_failing_on_its_second_page_changes_nothing(db, fake: FakeSalesfo
     assert report.read_failed and "500" in report.read_failed
     assert fake.counts["query"] == 1 and fake.counts["query_more"] == 3
     assert report.to_promote == report.to_demote == 0 and not report.outcomes
-    assert _flags(db) == before and db.crm_transitions.count_documents({}) == 0
+    assert _flags(db) == before and db[POSITIONS].count_documents({}) == 0
     # The next week's read works: now the sync happens.
     assert CrmStates.open(db, _client(fake)).sync_sustainers().changed == 5  # the entry point for the cron job
 
@@ -265,7 +262,7 @@ def test_the_demotion_guard_refuses_and_force_overrides(db, fake: FakeSalesforce
     before = _flags(db)
     refused = sync_sustainers(app)
     assert refused.refused and "demote 2 of 11 current sustainers" in refused.refused
-    assert _flags(db) == before and db.crm_transitions.count_documents({}) == 0
+    assert _flags(db) == before and db[POSITIONS].count_documents({}) == 0
     assert sync_sustainers(app, max_demote_share=0.1, dry_run=True).refused  # a dry run is refused alike
     dry = sync_sustainers(app, max_demote_share=0.2, dry_run=True)  # 2 <= 20% of 11: allowed, but dry
     assert dry.refused is None and dry.to_demote == 2 and _flags(db) == before
@@ -293,7 +290,7 @@ def test_db_failure_then_resume_through_the_cli(db, fake: FakeSalesforce, mongo_
                                                monkeypatch, capsys) -> None:
     _seed(db, fake, sustainers=3, current=0)
     journal = tmp_path / "journal.jsonl"
-    flaky = CrmStates.open(FlakyDatabase(db, WritePlan({("crm_transitions", "insert", 1)})), _client(fake),
+    flaky = CrmStates.open(FlakyDatabase(db, WritePlan({("profiles", "update", 1)})), _client(fake),
                            journal_path=str(journal))
     report = sync_sustainers(flaky)
     assert report.states == {"LoggedDbFailure": 3} and report.problems == 3 and report.changed == 0

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pymongo.errors import PyMongoError
 
 from ..api import MACHINES
-from ..crm.errors import CrmError, CrmLimitExceeded
+from ..crm.errors import CrmConfigError, CrmError, CrmLimitExceeded
 from ..store import ProfileNotFound, StoreUnavailable
 from .commands import (
     cmd_demo,
@@ -31,9 +31,12 @@ from .common import (
     EXIT_USAGE,
     CliError,
     add_common,
+    at_most,
     positive,
+    seconds,
     share,
 )
+from .heal_command import configure_parser as configure_heal
 from .report_command import cmd_report
 from .report_command import configure_parser as configure_report
 
@@ -48,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run both machines on synthetic profiles against a local fake CRM",
                           description="Start the embedded database and a fake CRM on loopback, seed synthetic "
                                       "profiles, run NationBuilder-profile validation and new-user signups with a "
-                                      "mix of CRM and database faults, then print every path and the count per state.")
+                                      "mix of CRM and database faults, then print every path and the count per state. "
+                                      "CRM: none (CRM_TYPE is not read; the demo starts its own fake Salesforce).")
     add_common(demo)
-    demo.add_argument("--profiles", type=positive, default=10_000,
-                      help="how many synthetic profiles (default 10,000)")
+    demo.add_argument("--profiles", type=at_most(1_000_000), default=10_000,
+                      help="how many synthetic profiles (default 10,000; at most 1,000,000)")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the synthetic data and faults")
     demo.set_defaults(func=cmd_demo)
 
@@ -60,22 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
                                           "not finished, claim id ranges with expiring leases, and drive each range "
                                           "through the nb_profile_validation machine with one batched CRM lookup. "
                                           "Safe to run several at once and to kill at any time: run it again to "
-                                          "resume. The CRM comes from CRM_TYPE and Sefaria's settings.")
+                                          "resume. CRM: needs CRM_TYPE=SALESFORCE and Sefaria's Salesforce settings "
+                                          "(--dry-run needs none).")
     add_common(validate)
-    validate.add_argument("--chunk-size", type=positive, default=1000, help="profiles per range (default 1000)")
-    validate.add_argument("--concurrency", type=positive, default=2, help="ranges worked at once (default 2)")
+    validate.add_argument("--chunk-size", type=at_most(100_000), default=1000,
+                          help="profiles per range (default 1000, at most 100,000)")
+    validate.add_argument("--concurrency", type=at_most(64), default=2, help="ranges worked at once (default 2, "
+                                                                              "at most 64)")
     validate.add_argument("--limit", type=positive, help="stop after this many profiles")
     validate.add_argument("--dry-run", action="store_true", help="count pending profiles; claim, send, write nothing")
     validate.add_argument("--max-api-calls", type=positive, help="make at most this many batched CRM lookups "
                                                                   "(one API call each while the ids fit one URL)")
-    validate.add_argument("--lease-seconds", type=float, default=300.0, help="how long a range lease lasts")
+    validate.add_argument("--lease-seconds", type=seconds, default=300.0,
+                          help="how long a range lease lasts (default 300; above 0, at most a week)")
     validate.set_defaults(func=cmd_validate_nb)
 
     signup_cmd = sub.add_parser("signup", help="run the new-user signup machine for one user",
                                 description="What Sefaria's signup hook calls: create the app user in the CRM "
-                                            "and save its id. Safe to repeat: never creates a second app user.")
+                                            "and save its id. Safe to repeat: never creates a second app user. "
+                                            "CRM: any CRM_TYPE (NONE stores a dummy: placeholder id, LOG logs the "
+                                            "create for load-log).")
     add_common(signup_cmd)
-    signup_cmd.add_argument("--user-id", type=int, required=True, help="Sefaria user id (profiles.id)")
+    signup_cmd.add_argument("--user-id", type=positive, required=True, help="Sefaria user id (profiles.id)")
     signup_cmd.add_argument("--email", help="default: the profile's email")
     signup_cmd.add_argument("--first-name")
     signup_cmd.add_argument("--last-name")
@@ -86,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="re-drive profiles stuck in a state",
                             description="A new run from [*] for profiles in a stopped state (the CRM is asked "
                                         "again), the journaled CRM result written without asking the CRM again for "
-                                        "DB-failure states, and the stopped run continued for mid-way states.")
+                                        "DB-failure states, and the stopped run continued for mid-way states. Exit 1 "
+                                        "when profiles fail again (back in the same state or a DB-failure state, or not "
+                                        "finished). CRM: none for a DB-failure state "
+                                        "whose journaled results need no CRM call (asked for only if one is made); "
+                                        "otherwise the machine's: CRM_TYPE=SALESFORCE for nb_profile_validation, "
+                                        "SALESFORCE or NATIONBUILDER for sync_sustainers, any CRM_TYPE for the others.")
     add_common(resume)
     resume.add_argument("--machine", required=True, help="the machine: " + ", ".join(MACHINES))
     resume.add_argument("--state", required=True, help="the state whose profiles to re-drive")
@@ -100,28 +115,43 @@ def build_parser() -> argparse.ArgumentParser:
                                       "sync_sustainers machine, in batches. A second run changes nothing. Refuses "
                                       "to demote more than --max-demote-share of the current sustainers unless "
                                       "--force. Exit 0 done; 1 read failed, refused or some runs not finished; 4 the "
-                                      "CRM's API limit stopped the read.")
+                                      "CRM's API limit stopped the read. CRM: needs CRM_TYPE=SALESFORCE or "
+                                      "NATIONBUILDER (also for --dry-run).")
     add_common(sync)
     sync.add_argument("--max-demote-share", type=share, default=0.1,
                       help="refuse to demote more than this share of the current sustainers (default 0.1)")
     sync.add_argument("--force", action="store_true", help="demote even beyond --max-demote-share")
     sync.add_argument("--dry-run", action="store_true", help="read the CRM and count the changes; write nothing")
-    sync.add_argument("--batch-size", type=positive, default=1000, help="profiles per bulk write (default 1000)")
+    sync.add_argument("--batch-size", type=at_most(100_000), default=1000,
+                      help="profiles per bulk write (default 1000, at most 100,000)")
     sync.set_defaults(func=cmd_sync_sustainers)
 
     replay = sub.add_parser("replay", help="apply journaled DB writes (a JSONL journal or an application log)",
                             description="Apply every journal entry in FILE idempotently: replaying twice changes "
-                                        "nothing more. Lines that are not journal entries are skipped and counted.")
+                                        "nothing more. Replay restores the journaled history and profile data; the "
+                                        "profiles stay in their DB-failure state until `crm-states resume` moves them "
+                                        "on. Lines of an application log that are not journal entries are skipped and "
+                                        "counted; torn lines (a crash mid-append) and invalid entries are named, and "
+                                        "exit 1 (a file with no entry at all: exit 2, nothing done). CRM: none.")
     add_common(replay)
     replay.add_argument("file", help="journal JSONL or application log")
     replay.set_defaults(func=cmd_replay)
 
     load = sub.add_parser("load-log", help="load the interim CRM log (CRM_TYPE=LOG) into the CRM",
                           description="The migration's 'load log data to Salesforce': send every entry of the log "
-                                      "once (a second load sends nothing twice) to the CRM named by CRM_TYPE.")
+                                      "once (a second load sends nothing twice) to the CRM named by CRM_TYPE. Invalid "
+                                      "lines are named and exit 1 (a file with no entry at all: exit 2, nothing sent). "
+                                      "CRM: needs CRM_TYPE=SALESFORCE or NATIONBUILDER.")
     load.add_argument("file", help="the CRM_LOG_PATH file")
     load.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     load.set_defaults(func=cmd_load_log)
+
+    heal = sub.add_parser("heal", help="write back machine data that Sefaria's profile saves erased (no CRM call)",
+                          description="Sefaria replaces whole profile documents with stale copies, which can erase the "
+                                      "sf_app_user_id, CrmLog lines and is_sustainer the machines wrote. Find every "
+                                      "profile whose data disagrees with what its finished runs recorded and write it "
+                                      "back, in batches; idempotent: run it every few minutes. CRM: none.")
+    configure_heal(heal)
 
     report = sub.add_parser("report", help="count profiles in each state of each machine")
     add_common(report)
@@ -152,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CrmLimitExceeded as exc:
         print(f"crm-states: the CRM's API limit is reached: {exc}; run again later", file=sys.stderr)
         return EXIT_LIMIT
+    except CrmConfigError as exc:  # a CRM built or asked outside a machine (load-log's target)
+        print(f"crm-states: CRM configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CrmError as exc:
         print(f"crm-states: CRM error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS

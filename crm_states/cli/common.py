@@ -4,9 +4,10 @@ embedded server), the CRM from the environment, argument types and the per-state
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from pymongo.errors import PyMongoError
 from pymongo.uri_parser import parse_uri
 
 from ..api import connect
-from ..crm.errors import CrmConfigError
+from ..crm.dummy import READ_NEEDS
+from ..crm.errors import CrmConfigError, CrmNotSupported
+from ..crm.factory import LazyCrm
 from ..testing.mongo import KINDS, DataDirectoryHeld, MongoServer, MongoServerError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_DB, EXIT_LIMIT = 0, 1, 2, 3, 4
@@ -24,6 +27,7 @@ DATA_DIR = Path(".crm-states")
 EMBEDDED_DB = "crm_states_demo"
 EMBEDDED_ENV = "CRM_STATES_EMBEDDED_SERVER"
 DEFAULT_EMBEDDED = "mongod"  # measured: see README, "Configuration"
+WEEK = 7 * 24 * 3600
 
 
 class CliError(Exception):
@@ -171,29 +175,57 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
-@contextmanager
-def crm_configuration() -> Iterator[None]:
-    """A missing or wrong CRM setting is a usage error (exit 2), said in one line."""
+#: The CRM_TYPE values that can serve each machine's CRM calls: lookups need a CRM that answers, writes go to
+#: any (NONE accepts them with placeholder ids, LOG logs them for a later ``load-log``).
+WRITERS = ("SALESFORCE", "NATIONBUILDER", "LOG", "NONE")
+MACHINE_CRM: Mapping[str, tuple[str, ...]] = {
+    "nb_profile_validation": READ_NEEDS["find_app_users_by_nationbuilder_ids"],
+    "sync_sustainers": READ_NEEDS["get_sustainers"],
+}
+
+
+def machine_crm(machine: str) -> tuple[str, ...]:
+    return MACHINE_CRM.get(machine, WRITERS)
+
+
+def needs_text(needs: Sequence[str]) -> str:
+    return "CRM_TYPE=" + " or ".join(needs) if len(needs) < len(WRITERS) else "a CRM_TYPE (any)"
+
+
+def command_crm(command: str, needs: Sequence[str] | None, why: str = "") -> LazyCrm:
+    """The CRM of ``CRM_TYPE`` for ``command``, built on first use. With ``needs`` (the command always asks
+    the CRM) it is built and checked now, before the database starts, so a wrong setting costs nothing."""
+    crm = LazyCrm()
+    if needs is None:
+        return crm
     try:
-        yield
+        built = crm.resolve()
     except CrmConfigError as exc:
-        raise CliError(f"CRM configuration: {exc}") from exc
+        raise CliError(f"{command} needs {needs_text(needs)}: {exc}") from None
+    crm_type = built.name.upper()
+    if crm_type in WRITERS and crm_type not in needs:
+        raise CliError(f"{command} needs {needs_text(needs)}{' ' + why if why else ''}; CRM_TYPE is {crm_type} "
+                       f"(nothing was read or written)")
+    return crm
 
 
-def crm_from_settings() -> Any:
-    """The CRM named by ``CRM_TYPE`` and Sefaria's settings."""
-    from ..crm import crm_from_env
+def check_refusal(crm: Any, command: str, left: str) -> None:
+    """After a run: if the CRM was missing or could not answer (the machines halted on it, so no verdict
+    was recorded), the one-line exit 2 saying which CRM_TYPE is needed and where the profiles stay."""
+    refusal = getattr(crm, "refusal", None)
+    if refusal is None:
+        return
+    if isinstance(refusal, CrmNotSupported):
+        raise CliError(f"{command}: {refusal}; {left}")
+    raise CliError(f"{command} needs a CRM: {refusal}; {left}")
 
-    with crm_configuration():
-        return crm_from_env()
 
-
-def open_states(db: Database, args: argparse.Namespace) -> Any:
-    """``CrmStates.from_env`` (shared with the Celery tasks); the journal defaults to the data dir's."""
+def open_states(db: Database, args: argparse.Namespace, crm: LazyCrm) -> Any:
+    """``CrmStates.from_env`` (shared with the Celery tasks) with the command's CRM; the journal defaults to
+    the data dir's."""
     from ..api import CrmStates
 
-    with crm_configuration():
-        return CrmStates.from_env(db, journal_path=str(Path(args.data_dir) / "journal.jsonl"))
+    return CrmStates.from_env(db, journal_path=str(Path(args.data_dir) / "journal.jsonl"), crm=crm)
 
 
 def print_counts(counts: Mapping[str, int]) -> None:
@@ -203,9 +235,16 @@ def print_counts(counts: Mapping[str, int]) -> None:
 
 
 def existing_file(name: str) -> Path:
+    """A readable regular file, or the usage error that says what it is instead."""
     path = Path(name)
-    if not path.is_file():
+    if path.is_dir():
+        raise CliError(f"{path} is a directory: give the file in it")
+    if not path.exists():
         raise CliError(f"no such file: {path}")
+    if not path.is_file():
+        raise CliError(f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"cannot read {path}: permission denied")
     return path
 
 
@@ -216,21 +255,38 @@ def known(lookup: Callable[[str], Any], name: str) -> Any:
         raise CliError(str(exc)) from None
 
 
-def positive(text: str) -> int:
+def positive(text: str, maximum: int | None = None) -> int:
+    """A whole number above 0 (and at most ``maximum``): ``argparse``'s type for counts and sizes."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"expected at most {maximum:,}, got {value:,}")
     return value
 
 
-def share(text: str) -> float:
+def at_most(maximum: int) -> Callable[[str], int]:
+    """``positive`` with an upper bound, for values that size threads or memory."""
+    return lambda text: positive(text, maximum)
+
+
+def _finite(text: str, expected: str, ok: Callable[[float], bool]) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {value}")
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def seconds(text: str) -> float:
+    """A finite duration above 0, at most a week (a lease of ``inf`` or ``nan`` would never expire)."""
+    return _finite(text, f"seconds above 0 and at most {WEEK:,} (a week)", lambda v: 0.0 < v <= WEEK)
+
+
+def share(text: str) -> float:
+    return _finite(text, "a share between 0 and 1", lambda v: 0.0 <= v <= 1.0)

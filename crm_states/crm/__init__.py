@@ -4,11 +4,16 @@ from .base import CrmConnectionManager
 from .dummy import DummyConnectionManager
 from .errors import (
     CrmAuthError,
+    CrmBadAnswer,
+    CrmBatchOutcomeUnknown,
     CrmConfigError,
     CrmError,
+    CrmInvalidInput,
+    CrmJobFailed,
     CrmLimitExceeded,
     CrmNotFound,
     CrmNotSupported,
+    CrmOutcomeUnknown,
     CrmRejected,
     CrmTransientError,
 )
@@ -16,6 +21,7 @@ from .factory import crm_from_env
 from .http import RetryPolicy
 from .log import LoadReport, LogConnectionManager, load_log
 from .nationbuilder import NationbuilderConnectionManager
+from .results import Matches, NewAppUser, RecordError, RecordResult
 from .salesforce import SalesforceConnectionManager, SalesforceSchema, soql_quote
 
 __all__ = [
@@ -28,6 +34,15 @@ __all__ = [
     "CrmRejected",
     "CrmConfigError",
     "CrmNotSupported",
+    "CrmInvalidInput",
+    "CrmBadAnswer",
+    "CrmOutcomeUnknown",
+    "CrmBatchOutcomeUnknown",
+    "CrmJobFailed",
+    "Matches",
+    "NewAppUser",
+    "RecordError",
+    "RecordResult",
     "SalesforceConnectionManager",
     "SalesforceSchema",
     "NationbuilderConnectionManager",

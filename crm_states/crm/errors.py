@@ -52,6 +52,19 @@ class CrmOutcomeUnknown(CrmTransientError):
     within the settle window: it may or may not exist. Resuming later looks it up before creating."""
 
 
+class CrmBatchOutcomeUnknown(CrmOutcomeUnknown):
+    """A batch create went out and its answer was lost: it was not re-sent, and its records may or may
+    not exist. ``in_doubt`` lists their input positions (look them up before creating them again),
+    ``completed`` the results of the batches answered before it, ``not_sent`` the positions never sent."""
+
+    def __init__(self, message: str, *, in_doubt: tuple[int, ...], completed: tuple[object, ...] = (),
+                 not_sent: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
+        self.completed = completed
+        self.not_sent = not_sent
+
+
 class CrmLimitExceeded(CrmError):
     """The daily API allocation is spent (REQUEST_LIMIT_EXCEEDED): stop the batch, resume tomorrow."""
 
@@ -62,6 +75,27 @@ class CrmAuthError(CrmError):
 
 class CrmRejected(CrmError):
     """A 4xx the CRM refused for good: validation failures, duplicates, malformed requests."""
+
+
+class CrmInvalidInput(CrmRejected, ValueError):
+    """Refused before any request: the input cannot be what it claims to be (``validate_email`` and
+    ``validate_name``). A ``ValueError`` too, as Sefaria's validators raise and its callers catch."""
+
+
+class CrmBadAnswer(CrmError):
+    """The CRM answered with something that must not pass as data: a malformed record id, an id of
+    another object, an oversized value, several records where one was expected. The message says what
+    was wrong, never the value itself."""
+
+
+class CrmJobFailed(CrmError):
+    """A Salesforce Bulk API job ended ``Failed`` or ``Aborted``; ``job_id`` and the message say which
+    and why (``code`` is the state)."""
+
+    def __init__(self, message: str, *, job_id: str, state: str) -> None:
+        super().__init__(message, code=state)
+        self.job_id = job_id
+        self.state = state
 
 
 class CrmConfigError(CrmError):

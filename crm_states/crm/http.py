@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import attrs
 import requests
 
+from .. import metrics
+from ..logs import fields
 from .errors import CrmError, CrmReadTimeout, CrmTransientError
 
 log = logging.getLogger("crm_states.crm")
@@ -41,6 +44,23 @@ class RetryPolicy:
         return (rng or random).uniform(0.0, cap)
 
 
+class RequestCounter:
+    """A thread-safe count of the requests a client sent (each try of a retried request counts)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    @property
+    def value(self) -> int:
+        with self._lock:
+            return self._count
+
+
 #: A classifier maps a response to None (success: return it) or to the ``CrmError`` to raise/retry.
 Classifier = Callable[[requests.Response], CrmError | None]
 
@@ -54,6 +74,7 @@ def send(
     policy: RetryPolicy,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
+    on_send: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> requests.Response:
     """Send one request with a timeout, retrying transient failures a bounded number of times.
@@ -66,6 +87,9 @@ def send(
     ``CrmReadTimeout``, a ``CrmTransientError`` subclass, because the server may still be processing it;
     a connect timeout or a failed connection stays a plain ``CrmTransientError``. Both are retried
     here alike: callers that must not resend (``attempts=1``) tell them apart by class.
+
+    ``on_send`` is called before each try goes out (a ``RequestCounter``, say): a try that got no
+    answer counts too, since the server may have received and counted it.
     """
     kwargs.setdefault("timeout", policy.timeout)
     last: CrmError | None = None
@@ -74,8 +98,14 @@ def send(
             wait = getattr(last, "retry_after", None)
             if wait is None:
                 wait = policy.delay(attempt - 1, rng)
-            log.info("crm retry %s %s in %.2fs after: %s", method, redact_url(url), wait, last)
+            log.info("crm retry %s %s in %.2fs after: %s", method, redact_url(url), wait, last,
+                     extra=fields(kind=metrics.request_kind(method, url), outcome="retried",
+                                  error_class=type(last).__name__, attempt=attempt, wait_seconds=round(wait, 3)))
+            metrics.crm_retry(method, url)
             sleep(wait)
+        if on_send is not None:
+            on_send()
+        started, response = time.monotonic(), None
         try:
             response = session.request(method, url, **kwargs)
         except requests.ReadTimeout as exc:
@@ -83,16 +113,14 @@ def send(
             # so that callers sending a non-idempotent request can refuse to send it again.
             last = CrmReadTimeout(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}",
                                   method=method, url=redact_url(url))
-            continue
         except requests.Timeout as exc:  # ConnectTimeout: the request never reached the server
             last = CrmTransientError(f"timeout on {method} {redact_url(url)}: {type(exc).__name__}")
-            continue
         except requests.ConnectionError as exc:
             last = CrmTransientError(f"connection failed on {method} {redact_url(url)}: {type(exc).__name__}")
-            continue
         except requests.RequestException as exc:
             raise CrmError(f"request failed on {method} {redact_url(url)}: {type(exc).__name__}") from None
-        error = classify(response)
+        error = last if response is None else classify(response)
+        metrics.crm_request(method, url, time.monotonic() - started, error)
         if error is None:
             return response
         if not isinstance(error, CrmTransientError):

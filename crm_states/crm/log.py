@@ -11,8 +11,9 @@ lines whole across threads and worker processes). ``add_user_to_crm`` returns ``
 a real CRM id only exists after the load, whose report maps each entry id to the id it created, and
 the loader itself translates placeholders used by later entries (e.g. an email change after signup).
 
-Reads raise ``CrmError``: the log knows nothing of the people already in the CRM, and an empty answer
-would be taken for "no sustainers" or "not found" (Sefaria's sync demoted everyone on a failed read).
+Reads raise ``CrmNotSupported`` (a ``CrmError``): the log knows nothing of the people already in the CRM,
+and an empty answer would be taken for "no sustainers" or "not found" (Sefaria's sync demoted everyone on
+a failed read).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from typing import IO, Any
 import attrs
 import requests
 
+from ..journal import LINE_TOO_LONG, MAX_PROBLEMS, file_lines
 from .base import CrmConnectionManager
+from .dummy import not_supported
 from .errors import CrmConfigError, CrmError, CrmLimitExceeded, CrmRejected
 
 PENDING_PREFIX = "pending:"
@@ -84,8 +87,9 @@ class LogConnectionManager(CrmConnectionManager):
         })
         return PENDING_PREFIX + entry_id
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
         self._append("change_user_email", {"crm_id": crm_id, "new_email": new_email})
+        return True
 
     def add_email_to_mailing_lists(
         self,
@@ -101,13 +105,21 @@ class LogConnectionManager(CrmConnectionManager):
             "last_name": last_name, "lang": lang, "educator": bool(educator),
         })
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
         self._append("mark_as_spam_in_crm", {"crm_id": crm_id})
+        return True
 
-    def mark_for_review_in_crm(self, crm_id: str) -> None:
+    def mark_for_review_in_crm(self, crm_id: str) -> bool:
         self._append("mark_for_review_in_crm", {"crm_id": crm_id})
+        return True
 
-    def find_crm_id(self, email: str) -> str | None:
+    @property
+    def api_requests(self) -> int:
+        """Always 0: the log sends nothing (``load_log`` later sends through the real CRM's client)."""
+        return 0
+
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        self.needs_email(email)
         raise _no_reads("find_crm_id")
 
     def get_sustainers(self) -> Iterator[str]:
@@ -138,8 +150,7 @@ class LogConnectionManager(CrmConnectionManager):
 
 
 def _no_reads(method: str) -> CrmError:
-    return CrmError(f"the log CRM (CRM_TYPE=LOG) cannot answer reads: {method} needs a real CRM",
-                    code="log_cannot_read")
+    return not_supported("LOG", method, code="log_cannot_read")
 
 
 def _open_append(path: Path) -> IO[bytes]:
@@ -178,21 +189,50 @@ class LogEntry:
     @classmethod
     def parse(cls, raw: bytes) -> LogEntry | None:
         """The entry on ``raw``, or None when the line is not a valid entry (torn, edited, foreign)."""
+        entry = cls.check(raw)
+        return entry if isinstance(entry, LogEntry) else None
+
+    @classmethod
+    def check(cls, raw: bytes) -> LogEntry | str:
+        """The entry on ``raw``, or a short reason why the line is not one."""
+        if not raw.strip():
+            return "a blank line"
+        if raw == LINE_TOO_LONG:
+            return "longer than 1 MiB: not read"
         try:
             data = json.loads(raw)
         except ValueError:
-            return None
+            return "not JSON (a line cut short by a crash, or not a CRM log line)"
         if not isinstance(data, dict) or data.get("v") != _FORMAT_VERSION:
-            return None
+            return f"not a CRM log entry of version {_FORMAT_VERSION}"
         entry_id, method, args = data.get("entry_id"), data.get("method"), data.get("args")
         schema = _SCHEMA.get(method) if isinstance(method, str) else None
-        if not (isinstance(entry_id, str) and entry_id and schema and isinstance(args, dict)):
-            return None
-        if args.keys() != schema.keys() or not all(isinstance(args[k], t) for k, t in schema.items()):
-            return None
+        if not (isinstance(entry_id, str) and entry_id):
+            return "no entry_id"
+        if schema is None:
+            return f"unknown method {str(method)[:40]!r}"
+        if not isinstance(args, dict) or args.keys() != schema.keys() \
+                or not all(isinstance(args[k], t) for k, t in schema.items()):
+            return f"arguments that do not fit {method}"
         if method == "add_email_to_mailing_lists" and not all(isinstance(x, str) for x in args["mailing_lists"]):
-            return None
+            return "mailing_lists must be names"
         return cls(entry_id, method, args)
+
+
+def read_log(path: str | os.PathLike[str]) -> Iterator[tuple[int, LogEntry | str]]:
+    """``(line number, entry or the reason it is none)`` for each line of a CRM log;
+    ``CrmConfigError`` when there is no such file."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise CrmConfigError(f"no CRM log at {path}") from None
+    return _checked_lines(f)
+
+
+def _checked_lines(f: IO[bytes]) -> Iterator[tuple[int, LogEntry | str]]:
+    with f:
+        for number, raw in enumerate(file_lines(f), 1):
+            yield number, LogEntry.check(raw)
 
 
 @attrs.frozen
@@ -210,6 +250,8 @@ class LoadReport:
     failed: list[tuple[str, CrmError]]
     created: dict[str, str]
     stopped: str | None = None
+    #: The first invalid lines as ``(line number, reason)`` (``invalid_lines`` counts them all).
+    invalid: tuple[tuple[int, str], ...] = ()
 
     @property
     def total_sent(self) -> int:
@@ -227,25 +269,23 @@ def load_log(
     Each entry sent is recorded (fsynced) in the state file, default ``<path>.loaded``, with the id it
     created; later runs skip recorded entries, and retry failed ones. Only a crash between the CRM's
     answer and that record can resend an entry; creates carry their ``external_id`` so the target's
-    idempotent create returns the existing app user then. Invalid lines are counted and skipped. One
+    idempotent create returns the existing app user then. Invalid lines are skipped, counted and the first
+    ones named (line number, reason). One
     load at a time: a second concurrent load on the same state file raises ``CrmError``.
     """
     log_path = Path(path)
     state = Path(state_path) if state_path is not None else Path(f"{log_path}.loaded")
-    try:
-        log_file = open(log_path, "rb")
-    except FileNotFoundError:
-        raise CrmConfigError(f"no CRM log at {log_path}") from None
+    lines = read_log(log_path)
     sent: Counter[str] = Counter()
     created: dict[str, str] = {}
     failed: list[tuple[str, CrmError]] = []
-    invalid = skipped = 0
+    invalid: list[tuple[int, str]] = []
+    skipped = 0
     stopped: str | None = None
-    with log_file, _LoadState(state) as done:
-        for raw in log_file:
-            entry = LogEntry.parse(raw)
-            if entry is None:
-                invalid += 1
+    with _LoadState(state) as done:
+        for number, entry in lines:
+            if not isinstance(entry, LogEntry):
+                invalid.append((number, entry))
                 continue
             if entry.entry_id in done.ids:
                 skipped += 1
@@ -263,7 +303,7 @@ def load_log(
             sent[entry.method] += 1
             if result is not None:
                 created[entry.entry_id] = result
-    return LoadReport(dict(sent), skipped, invalid, failed, created, stopped)
+    return LoadReport(dict(sent), skipped, len(invalid), failed, created, stopped, tuple(invalid[:MAX_PROBLEMS]))
 
 
 def _replay(entry: LogEntry, target: CrmConnectionManager, done: Mapping[str, str | None]) -> str | None:

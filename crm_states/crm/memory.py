@@ -15,6 +15,7 @@ from typing import Any
 import requests
 
 from .base import CrmConnectionManager
+from .results import Matches, MatchesBuilder, normalise_email
 
 
 class InMemoryCrm(CrmConnectionManager):
@@ -66,9 +67,10 @@ class InMemoryCrm(CrmConnectionManager):
             return self.by_external_id[str(external_id)]
         return self.add_app_user(email=email, external_id=external_id)
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
         self._call("change_user_email", crm_id, new_email)
         self.app_users[crm_id]["email"] = new_email
+        return True
 
     def add_email_to_mailing_lists(self, email: str, mailing_lists: Iterable[str], first_name: str | None = None,
                                    last_name: str | None = None, lang: str = "en", educator: bool = False) -> None:
@@ -77,15 +79,17 @@ class InMemoryCrm(CrmConnectionManager):
         for name in lists:
             self.mailing_lists.setdefault(name, set()).add(email)
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
         self._call("mark_as_spam_in_crm", crm_id)
         self.app_users[crm_id]["spam"] = True
+        return True
 
     def get_available_lists(self) -> list[str]:
         self._call("get_available_lists")
         return sorted(self.available_lists)
 
-    def find_crm_id(self, email: str) -> str | None:
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        email = self.needs_email(email)
         self._call("find_crm_id", email)
         return next((i for i, u in self.app_users.items() if u.get("email") == email), None)
 
@@ -97,3 +101,29 @@ class InMemoryCrm(CrmConnectionManager):
         wanted = list(ids)
         self._call("find_app_users_by_nationbuilder_ids", tuple(wanted))
         return {i: self.by_nationbuilder_id[i] for i in wanted if i in self.by_nationbuilder_id}
+
+    def lookup_app_users_by_nationbuilder_ids(self, ids: Iterable[int]) -> dict[int, Matches]:
+        """Every app user holding each id (``add_app_user`` may give one id to several)."""
+        wanted = list(dict.fromkeys(ids))
+        self._call("lookup_app_users_by_nationbuilder_ids", tuple(wanted))
+        return self._matches(wanted, "nationbuilder_id", lambda v: v)
+
+    def lookup_app_users_by_emails(self, emails: Iterable[str]) -> dict[str, Matches]:
+        wanted = list(dict.fromkeys(normalise_email(e) for e in emails))
+        self._call("lookup_app_users_by_emails", tuple(wanted))
+        return self._matches(wanted, "email", lambda v: normalise_email(v) if isinstance(v, str) else None)
+
+    @property
+    def api_requests(self) -> int:
+        """Each call counts as one request."""
+        with self._lock:
+            return len(self.calls)
+
+    def _matches(self, wanted: list[Any], field: str, key: Any) -> dict[Any, Matches]:
+        found: MatchesBuilder[Any] = MatchesBuilder()
+        keys = set(wanted)
+        for app_user_id, user in list(self.app_users.items()):
+            k = key(user.get(field))
+            if k in keys:
+                found.add(k, app_user_id)
+        return found.build(wanted)

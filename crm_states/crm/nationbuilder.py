@@ -19,15 +19,17 @@ import attrs
 import requests
 
 from .base import CrmConnectionManager
+from .checks import size_problem
 from .errors import (
     CrmAuthError,
+    CrmBadAnswer,
     CrmConfigError,
     CrmError,
     CrmNotFound,
     CrmRejected,
     CrmTransientError,
 )
-from .http import RetryPolicy, redact, redact_url, send, short
+from .http import RequestCounter, RetryPolicy, redact, redact_url, send, short
 
 log = logging.getLogger("crm_states.crm.nationbuilder")
 
@@ -111,6 +113,7 @@ class NationbuilderConnectionManager(CrmConnectionManager):
         self.rate_limit: RateLimit | None = None
         self._token = token
         self._sleep = sleep
+        self._sent = RequestCounter()
         self._session = session if session is not None else requests.Session()
         self._session.headers.update({
             "Authorization": f"Bearer {token}",
@@ -142,8 +145,14 @@ class NationbuilderConnectionManager(CrmConnectionManager):
             person["external_id"] = str(external_id)
         return self._push(person)
 
-    def change_user_email(self, crm_id: str, new_email: str) -> None:
+    @property
+    def api_requests(self) -> int:
+        """Every request sent to the nation, each retry included (NationBuilder rate-limits them all)."""
+        return self._sent.value
+
+    def change_user_email(self, crm_id: str, new_email: str) -> bool:
         self._call("PUT", self._person_url(crm_id), json={"person": {"email": new_email}})
+        return True
 
     def add_email_to_mailing_lists(
         self,
@@ -167,18 +176,21 @@ class NationbuilderConnectionManager(CrmConnectionManager):
         tags = list(dict.fromkeys([self.tags.newsletter, *mailing_lists]))
         self._tag(person_id, tags)
 
-    def mark_as_spam_in_crm(self, crm_id: str) -> None:
+    def mark_as_spam_in_crm(self, crm_id: str) -> bool:
         """Delete the person (the design document). Already gone counts as done: a DELETE whose
         answer was lost and was retried gets a 404 for a deletion that happened."""
         try:
             self._call("DELETE", self._person_url(crm_id))
         except CrmNotFound:
             log.info("nationbuilder person %s already deleted", crm_id)
+        return True
 
-    def mark_for_review_in_crm(self, crm_id: str) -> None:
+    def mark_for_review_in_crm(self, crm_id: str) -> bool:
         self._tag(crm_id, [self.tags.review])
+        return True
 
-    def find_crm_id(self, email: str) -> str | None:
+    def find_crm_id(self, email: str | None = None) -> str | None:
+        email = self.needs_email(email)
         try:
             response = self._call("GET", f"{self.base_url}/people/match", params={"email": email})
         except CrmNotFound:
@@ -239,7 +251,7 @@ class NationbuilderConnectionManager(CrmConnectionManager):
 
     def _call(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         return send(self._session, method, url, classify=self._classify, policy=self.policy,
-                    sleep=self._sleep, **kwargs)
+                    sleep=self._sleep, on_send=self._sent, **kwargs)
 
     def _classify(self, response: requests.Response) -> CrmError | None:
         """What a response means, noting its rate-limit headers on the way."""
@@ -298,7 +310,13 @@ def _person_id(response: requests.Response) -> str:
 
 
 def _id_of(person: object) -> str:
+    """The person's id, checked: ASCII digits of a sane length (a hostile answer never passes as an id)."""
     person_id = person.get("id") if isinstance(person, dict) else None
-    if isinstance(person_id, bool) or not isinstance(person_id, (int, str)) or not str(person_id).isdigit():
+    if isinstance(person_id, bool) or not isinstance(person_id, (int, str)):
+        raise CrmError(f"nationbuilder answer without a person id (got {type(person).__name__})")
+    problem = size_problem(person_id, "person id")
+    if problem:
+        raise CrmBadAnswer(f"nationbuilder: refused an answer: {problem}", code="OVERSIZED_VALUE")
+    if not re.fullmatch(r"[0-9]+", str(person_id)):
         raise CrmError(f"nationbuilder answer without a person id (got {type(person).__name__})")
     return str(person_id)

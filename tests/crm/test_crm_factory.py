@@ -61,6 +61,26 @@ def test_salesforce() -> None:
     assert isinstance(crm_from_env({**SALESFORCE, "SALESFORCE_API_VERSION": "v61.0"}), SalesforceConnectionManager)
 
 
+def test_salesforce_schema_settings() -> None:
+    from crm_states.crm.salesforce import SalesforceSchema
+
+    assert crm_from_env(SALESFORCE).schema == SalesforceSchema()
+    on_contact = crm_from_env({**SALESFORCE, "SALESFORCE_NATIONBUILDER_ID_FIELD": " Contact__r.NationBuilder_Id__c ",
+                               "SALESFORCE_APP_USER_KEY_PREFIX": "a0A"})
+    assert on_contact.schema == SalesforceSchema(nationbuilder_id_field="Contact__r.NationBuilder_Id__c",
+                                                 app_user_key_prefix="a0A")
+    given = SalesforceSchema(external_id_field="Sefaria_User_Id__c")  # an override is refined, not replaced
+    refined = crm_from_env({**SALESFORCE, "SALESFORCE_NATIONBUILDER_ID_FIELD": "Contact__r.NationBuilder_Id__c"},
+                           schema=given)
+    assert refined.schema.external_id_field == "Sefaria_User_Id__c"
+    assert refined.schema.nationbuilder_id_field == "Contact__r.NationBuilder_Id__c"
+    for name, bad in [("SALESFORCE_NATIONBUILDER_ID_FIELD", "Contact__r.NB Id' OR x"),
+                      ("SALESFORCE_NATIONBUILDER_ID_FIELD", "a..b"), ("SALESFORCE_APP_USER_KEY_PREFIX", "a0")]:
+        with pytest.raises(CrmConfigError, match=name) as caught:
+            crm_from_env({**SALESFORCE, name: bad})
+        assert bad not in str(caught.value)
+
+
 @pytest.mark.parametrize("env, missing", [
     *[({**SALESFORCE, name: ""}, name) for name in SALESFORCE if name != "CRM_TYPE"],
     *[({k: v for k, v in SALESFORCE.items() if k != name}, name) for name in SALESFORCE if name != "CRM_TYPE"],

@@ -215,15 +215,37 @@ def test_bad_soql_in_a_get_is_malformed_query(api):
 def test_composite_runs_query_subrequests_as_one_call(fake, api):
     a = fake.insert(USER, {"Sefaria_App_Email__c": "a@x"})
     url = f"{API}/query?q=SELECT+Id+FROM+{USER}+WHERE+Sefaria_App_Email__c+%3D+%27a%40x%27"
-    subrequests = [{"method": "GET", "url": url, "referenceId": f"r{i}"} for i in range(25)]
-    response = api("POST", "/composite", json={"allOrNone": False, "compositeRequest": subrequests})
+    queries = [{"method": "GET", "url": url, "referenceId": f"r{i}"} for i in range(5)]
+    others = [{"method": "GET", "url": f"{API}/sobjects/{USER}/{a}", "referenceId": f"g{i}"} for i in range(20)]
+    response = api("POST", "/composite", json={"allOrNone": False, "compositeRequest": queries + others})
     assert response.status_code == 200
     results = response.json()["compositeResponse"]
-    assert [r["referenceId"] for r in results] == [f"r{i}" for i in range(25)]
-    assert all(r["httpStatusCode"] == 200 and r["body"]["records"][0]["Id"] == a for r in results)
-    assert fake.api_usage == 1 and fake.counts["composite"] == 1 and len(fake.soql_log) == 25
-    too_many = api("POST", "/composite", json={"compositeRequest": subrequests + subrequests[:1]})
-    assert too_many.status_code == 400
+    assert [r["referenceId"] for r in results] == [f"r{i}" for i in range(5)] + [f"g{i}" for i in range(20)]
+    assert all(r["httpStatusCode"] == 200 for r in results)
+    assert all(r["body"]["records"][0]["Id"] == a for r in results[:5]) and results[5]["body"]["Id"] == a
+    assert fake.api_usage == 1 and fake.counts["composite"] == 1 and len(fake.soql_log) == 5
+
+
+@pytest.mark.parametrize("extra", [
+    f"{API}/query?q=SELECT+Id+FROM+{USER}",
+    f"{API}/queryAll?q=SELECT+Id+FROM+{USER}",
+    f"{API}/query/01g000000000001AAA-2000",
+    f"{API}/composite/sobjects",
+], ids=["query", "queryAll", "query-more", "collections"])
+def test_composite_takes_at_most_five_queries_and_25_subrequests(fake, api, extra):
+    """Salesforce's limits, refused whole with its error shape (nothing run, one API call)."""
+    url = f"{API}/query?q=SELECT+Id+FROM+{USER}"
+    five = [{"method": "GET", "url": url, "referenceId": f"r{i}"} for i in range(5)]
+    sixth = {"method": "POST" if "sobjects" in extra else "GET", "url": extra, "referenceId": "r5"}
+    response = api("POST", "/composite", json={"compositeRequest": [*five, sixth]})
+    assert response.status_code == 400
+    [error] = response.json()
+    assert error["errorCode"] == "LIMIT_EXCEEDED" and "5 query" in error["message"]
+    assert fake.soql_log == [] and fake.api_usage == 1
+    filler = [{"method": "GET", "url": f"{API}/limits", "referenceId": f"l{i}"} for i in range(21)]
+    too_many = api("POST", "/composite", json={"compositeRequest": [*five, *filler]})  # 26
+    assert too_many.status_code == 400 and too_many.json()[0]["errorCode"] == "LIMIT_EXCEEDED"
+    assert "25 subrequests" in too_many.json()[0]["message"]
 
 
 def test_composite_all_or_none_halts_after_a_failure(fake, api):
@@ -300,6 +322,39 @@ def test_random_faults_are_reproducible_from_the_seed():
     assert {0, 200, 500, 503} <= set(first)
 
 
+def test_relationship_paths_in_select_and_where(fake, api):
+    """App users link to their Contact (``Contact__c``); ``Contact__r.X`` nests as Salesforce nests it."""
+    contact = fake.insert("Contact", {"NationBuilder_Id__c": "77", "LastName": "Levi"})
+    linked = fake.insert(USER, {"Contact__c": contact, "Sefaria_App_Email__c": "l@x"})
+    alone = fake.insert(USER, {"Sefaria_App_Email__c": "a@x"})
+    soql = ("SELECT Id, Contact__r.NationBuilder_Id__c, contact__r.LastName FROM Sefaria_App_User__c "
+            "WHERE Contact__r.NationBuilder_Id__c IN ('77', '78')")
+    [record] = api("GET", "/query", params={"q": soql}).json()["records"]
+    assert record["Id"] == linked
+    assert record["Contact__r"] == {"attributes": {"type": "Contact", "url": f"{API}/sobjects/Contact/{contact}"},
+                                    "NationBuilder_Id__c": "77", "LastName": "Levi"}
+    both = api("GET", "/query", params={"q": "SELECT Id, Contact__r.NationBuilder_Id__c FROM Sefaria_App_User__c"})
+    by_id = {r["Id"]: r["Contact__r"] for r in both.json()["records"]}
+    assert set(by_id) == {linked, alone} and by_id[alone] is None  # no Contact: null, as Salesforce answers
+    assert by_id[linked]["NationBuilder_Id__c"] == "77" and "LastName" not in by_id[linked]
+    not_null = api("GET", "/query", params={
+        "q": "SELECT Id FROM Sefaria_App_User__c WHERE Contact__r.NationBuilder_Id__c != null"}).json()
+    assert [r["Id"] for r in not_null["records"]] == [linked]
+    unknown = api("GET", "/query", params={"q": "SELECT Id FROM Sefaria_App_User__c WHERE Nope__r.X = 1"})
+    assert unknown.status_code == 400 and unknown.json()[0]["errorCode"] == "INVALID_FIELD"
+    deep = api("GET", "/query", params={"q": "SELECT Contact__r.Account.Name FROM Sefaria_App_User__c"})
+    assert deep.status_code == 400 and deep.json()[0]["errorCode"] == "INVALID_FIELD"
+
+
+def test_records_can_be_seeded_under_hostile_ids(fake, api):
+    odd = fake.insert(USER, {"NationBuilder_Id__c": "5"}, record_id="a0A!!")
+    assert odd == "a0A!!" and fake.record(USER, "a0A!!") == {"Id": "a0A!!", "NationBuilder_Id__c": "5"}
+    body = api("GET", "/query", params={"q": "SELECT Id FROM Sefaria_App_User__c WHERE NationBuilder_Id__c = '5'"})
+    assert [r["Id"] for r in body.json()["records"]] == ["a0A!!"]
+    with pytest.raises(ValueError):
+        fake.insert(USER, {}, record_id="a0A!!")
+
+
 def test_a_large_org_answers_by_index():
     with FakeSalesforce() as fake:
         started = time.perf_counter()
@@ -342,6 +397,11 @@ def test_simple_salesforce_crud_and_query_all(sf):
     assert everything["totalSize"] == 7 and len(everything["records"]) == 7
     assert client.Sefaria_App_User__c.delete(record_id) == 204
     assert len(fake.records(USER)) == 6
+    contact = fake.insert("Contact", {"NationBuilder_Id__c": "31"})
+    linked = fake.insert(USER, {"Contact__c": contact})
+    through = client.query_all("SELECT Id, Contact__r.NationBuilder_Id__c FROM Sefaria_App_User__c "
+                               "WHERE Contact__r.NationBuilder_Id__c = '31'")
+    assert [(r["Id"], r["Contact__r"]["NationBuilder_Id__c"]) for r in through["records"]] == [(linked, "31")]
 
 
 def test_simple_salesforce_maps_the_fake_errors(sf):

@@ -361,7 +361,7 @@ def test_the_token_never_reaches_a_log_line_or_an_error(nb_client, nb, caplog: p
         with pytest.raises(CrmError) as caught:
             call()
         errors.append(caught.value)
-    assert nb_client.mark_for_review_in_crm(nb_client.add_user_to_crm("a@example.org", "A", "B")) is None
+    assert nb_client.mark_for_review_in_crm(nb_client.add_user_to_crm("a@example.org", "A", "B")) is True
     assert caplog.records and TOKEN not in caplog.text
     for error in errors:
         assert TOKEN not in str(error) and TOKEN not in repr(error)

@@ -22,7 +22,7 @@ from crm_states.crm.errors import (
     CrmTransientError,
 )
 from crm_states.crm.salesforce import SalesforceConnectionManager, SalesforceSchema, TokenCache
-from crm_states.testing.salesforce import SESSION_EXPIRED, UNABLE_TO_LOCK_ROW, FakeSalesforce
+from crm_states.testing.salesforce import SESSION_EXPIRED, UNABLE_TO_LOCK_ROW, FakeSalesforce, sf_errors
 from crm_states.testing.server import Fault
 
 USER = "Sefaria_App_User__c"
@@ -266,19 +266,20 @@ def test_nationbuilder_lookup_through_composite(fake, make_client):
     seeded = seed_nationbuilder(fake, 3000)
     client = make_client(max_ids_per_query=100)
     assert client.find_app_users_by_nationbuilder_ids_composite(seeded) == seeded
-    assert fake.counts["composite"] == 2  # 30 queries: 25 + 5 sub-requests
+    assert fake.counts["composite"] == 6  # 30 queries, at most 5 in one composite (Salesforce's limit)
     assert fake.counts["query"] == 0
     assert len(fake.soql_log) == 30
+    assert client.api_requests == fake.api_usage == 6
 
 
 def test_nationbuilder_lookup_through_composite_follows_pages(fake, client):
     fake.page_size = 400
     seeded = seed_nationbuilder(fake, 1000)
     assert client.find_app_users_by_nationbuilder_ids_composite(seeded) == seeded
-    assert fake.counts["composite"] == 1
-    assert fake.counts["query_more"] == 2
+    # one query; its two further pages ride as query-more sub-requests of the next composites
+    assert fake.counts["composite"] == 3 and fake.counts["query_more"] == 0
     assert client.find_app_users_by_nationbuilder_ids_composite([]) == {}
-    assert fake.counts["composite"] == 1
+    assert fake.counts["composite"] == 3
 
 
 def test_nationbuilder_lookup_through_composite_raises_on_a_failed_subrequest(fake, make_client):
@@ -377,7 +378,7 @@ def test_transient_failures_are_retried_within_budget(fake, make_client, sleeps,
     crm_id = fake.insert(USER, {"Sefaria_App_Email__c": "t@x"})
     client.find_crm_id("warm@x")
     fake.inject(fault, times=policy.attempts - 1, kind="update")
-    client.change_user_email(crm_id, "ok@x")
+    client.change_user_email(crm_id, "ok@example.org")
     assert fake.counts["update"] == policy.attempts
     assert len(sleeps) == policy.attempts - 1
     assert all(0 <= s <= policy.max_delay for s in sleeps)
@@ -390,8 +391,10 @@ def test_transient_failures_are_retried_within_budget(fake, make_client, sleeps,
 
 def test_validation_failures_are_rejected_without_retry(fake, client):
     crm_id = fake.insert(USER, {"Sefaria_App_Email__c": "v@x"})
+    fake.inject(Fault.error(400, body=json.dumps(sf_errors(
+        "REQUIRED_FIELD_MISSING", "Required fields are missing: [Sefaria_App_Email__c]")).encode()), kind="update")
     with pytest.raises(CrmRejected) as caught:
-        client.change_user_email(crm_id, "")
+        client.change_user_email(crm_id, "valid@example.org")
     assert caught.value.code == "REQUIRED_FIELD_MISSING"
     assert "REQUIRED_FIELD_MISSING" in str(caught.value)
     assert fake.counts["update"] == 1
@@ -454,10 +457,11 @@ def test_no_secret_or_token_reaches_logs_or_errors(caplog, policy):
         fake.expire_tokens()
         good.find_crm_id("s@x")  # refreshed
         fake.inject(Fault.error(503), times=policy.attempts, kind="update")
-        expect_error(lambda: good.change_user_email(crm_id, "t@x"))
-        expect_error(lambda: good.change_user_email(crm_id, ""))
+        expect_error(lambda: good.change_user_email(crm_id, "t@example.org"))
+        fake.inject(Fault.error(400), kind="update")
+        expect_error(lambda: good.change_user_email(crm_id, "v@example.org"))
         fake.inject(SESSION_EXPIRED, times=2, kind="update")
-        expect_error(lambda: good.change_user_email(crm_id, "u@x"))
+        expect_error(lambda: good.change_user_email(crm_id, "u@example.org"))
         expect_error(lambda: client(SENTINEL + "-wrong").find_crm_id("s@x"))
         fake.expire_tokens()
         fake.client_secret = "rotated"

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ import attrs
 from pymongo.database import Database
 
 from crm_states.engine import StateMachine
-from crm_states.records import Transition
-from crm_states.store import position_of, state_field
+from crm_states.store import POSITIONS
+from crm_states.store.documents import history_from_doc, position_from_doc
 from crm_states.testing import FakeSalesforce
 from tests.faults import assert_history_is_path
 
@@ -88,7 +88,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 @attrs.define
 class HistoryCheck:
-    """One pass over ``crm_transitions`` and ``profiles`` for one machine."""
+    """One pass over the project's positions for one machine."""
 
     profiles: int = 0
     transitions: int = 0
@@ -103,25 +103,26 @@ class HistoryCheck:
 
 
 def check_histories(db: Database, spec: StateMachine, profile_filter: Mapping[str, Any] | None = None) -> HistoryCheck:
-    """Every profile's transition documents, all of them (strays included), must be exactly one path of
-    the diagram: seqs 1..n without gap or duplicate, each run from ``[*]`` after a terminal state, every
-    edge in the diagram with its trigger; and the profile must stand where its last transition ends."""
+    """Every profile's history must be exactly one path of the diagram: seqs 1..n without gap or duplicate,
+    each run from ``[*]`` after a terminal state, every edge in the diagram with its trigger; and the
+    position must stand where its last transition ends. ``profile_filter`` selects profiles by their
+    ``profiles`` documents."""
     check = HistoryCheck()
-    where = {**(profile_filter or {}), state_field(spec.name): {"$exists": True}}
-    positions = {p["id"]: position_of(p, spec.name)
-                 for p in db.profiles.find(where, {"_id": 0, "id": 1, state_field(spec.name): 1})}
-    wanted = set(positions) if profile_filter else None
-    docs: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for doc in db.crm_transitions.find({"machine": spec.name}):
-        if wanted is None or doc["profile_id"] in wanted:
-            docs[doc["profile_id"]].append(doc)
-    check.profiles = len(positions)
-    for pid, position in positions.items():
+    wanted = ({p["id"] for p in db.profiles.find(profile_filter, {"_id": 0, "id": 1})}
+              if profile_filter is not None else None)
+    for doc in db[POSITIONS].find({"machine": spec.name}):
+        pid = doc["profile_id"]
+        if wanted is not None and pid not in wanted:
+            continue
+        position = position_from_doc(doc)
+        history = history_from_doc(doc)
+        check.profiles += 1
         check.states[position.state] += 1
         if position.state not in spec.diagram.states:
             check.violations.append((pid, f"state {position.state!r} is not a state of the diagram"))
-    for pid, found in docs.items():
-        history = [Transition.from_doc(d) for d in sorted(found, key=lambda d: d["seq"])]
+        if not history:
+            check.violations.append((pid, "a state without any transition"))
+            continue
         check.transitions += len(history)
         check.per_profile[pid] = len(history)
         check.runs_per_profile[pid] = len({t.run_id for t in history})
@@ -131,12 +132,9 @@ def check_histories(db: Database, spec: StateMachine, profile_filter: Mapping[st
         except AssertionError as exc:
             check.violations.append((pid, f"not a diagram path: {exc}"))
             continue
-        position = positions.get(pid)
         last = history[-1]
-        if position is None or (position.state, position.seq, position.run_id) != (last.dest, last.seq, last.run_id):
-            check.violations.append((pid, f"profile at {position} but its history ends at {last.dest} seq {last.seq}"))
-    for pid in set(positions) - set(docs):
-        check.violations.append((pid, "a state without any transition document"))
+        if (position.state, position.seq, position.run_id) != (last.dest, last.seq, last.run_id):
+            check.violations.append((pid, f"position at {position} but its history ends at {last.dest} seq {last.seq}"))
     return check
 
 

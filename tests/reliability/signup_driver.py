@@ -4,7 +4,7 @@
     python tests/reliability/signup_driver.py FIRST LAST
 
 Configuration comes from the environment like the ``crm-states`` command's (MONGO_URL, MONGO_DB,
-CRM_TYPE=SALESFORCE and SALESFORCE_*, CRM_STATES_JOURNAL). A failed call (the database away, say) is
+CRM_TYPE=SALESFORCE and SALESFORCE_*, CRM_STATES_JOURNAL, CRM_STATES_CLAIM_SECONDS and _WAIT). A failed call (the database away, say) is
 printed and the loop goes on, as a web request would fail alone; calling again later is safe. The last
 line is a JSON summary: outcomes and states counted, and the users whose call raised.
 """
@@ -17,11 +17,10 @@ from collections import Counter
 
 
 def main(argv: list[str]) -> int:
-    from crm_states.api import CrmStates, connect
-    from crm_states.crm.factory import crm_from_env
+    from crm_states.api import CrmStates
 
     first, last = int(argv[1]), int(argv[2])
-    app = CrmStates.open(connect(), crm_from_env())
+    app = CrmStates.from_env()
     outcomes: Counter[str] = Counter()
     states: Counter[str] = Counter()
     raised: list[int] = []

@@ -11,7 +11,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from crm_states.store import POSITIONS
 from crm_states.testing import Fault, FakeSalesforce
+from tests.faults import states_by_profile
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 from tests.reliability.checks import (
@@ -36,7 +38,7 @@ SIGNUP_KILLS = 12
 
 def _finished(db, machine) -> int:
     spec = nb.SPEC if machine == nb.NAME else signup.SPEC
-    return db.profiles.count_documents({f"crm_state.{machine}.state": {"$in": sorted(spec.terminal)}})
+    return db[POSITIONS].count_documents({"machine": machine, "state": {"$in": sorted(spec.terminal)}})
 
 
 def _pending_ids(db) -> list[int]:  # type: ignore[no-untyped-def]
@@ -96,9 +98,11 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
         early += not worked
         finished = _finished(db, nb.NAME)
         finished_after_kill.append(finished)
-        # A lookup commits its 4 transitions with its outcome: documents beyond 4 per finished profile
-        # are a commit record the profile did not follow yet (killed between the two writes).
-        dangling_after_kill.append(db.crm_transitions.count_documents({}) - 4 * finished)
+        # A lookup writes the profile, then its position: profiles written beyond the finished positions
+        # were killed between the two writes (the next run looks them up again).
+        written = db.profiles.count_documents({"$or": [{"sf_app_user_id": {"$exists": True}},
+                                                       {"CrmLog": {"$exists": True}}]})
+        dangling_after_kill.append(written - finished)
         assert time.monotonic() - spawned < 60
     assert mid_run >= MID_RUN_KILLS, f"only {mid_run} kills landed mid-run ({kills} in all)"
     assert finished_after_kill[-1] < total, "the runs finished before the kills were done"
@@ -109,8 +113,7 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
     finishing = time.monotonic() - started - killing
 
     # 0 profiles lost: each in exactly one state, the one its Salesforce answer gives.
-    states = {p["id"]: (p.get("crm_state") or {}).get(nb.NAME, {}).get("state")
-              for p in db.profiles.find({}, {"_id": 0, "id": 1, f"crm_state.{nb.NAME}.state": 1})}
+    states = {p["id"]: None for p in db.profiles.find({}, {"_id": 0, "id": 1})} | states_by_profile(db, nb.NAME)
     expected = {pid: "WroteSalesforceAppUserUid" if pid in found else "WroteNotFound" for pid in states}
     lost = {pid: state for pid, state in states.items() if state != expected[pid]}
     assert len(states) == total and not lost, f"{len(lost)} profiles lost, e.g. {list(lost.items())[:5]}"
@@ -134,7 +137,7 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
     record("1a crashes: validate-nb SIGKILL", profiles=total, kills=kills, kills_mid_run=mid_run,
            lives_that_finished=lives_that_finished,
            kills_during_startup=early, kills_between_the_two_writes=sum(d > 0 for d in dangling_after_kill),
-           max_dangling_transition_docs=max(dangling_after_kill), finished_before_final_run=finished_after_kill[-1],
+           max_profiles_written_ahead_of_their_position=max(dangling_after_kill), finished_before_final_run=finished_after_kill[-1],
            lookups=fake.counts["query"], transitions=check.transitions, lost=len(lost),
            bad_histories=len(check.violations), duplicate_app_users=0,
            stale_leases_of_dead_runners=len(stale), final_run=final.stdout.splitlines()[0],

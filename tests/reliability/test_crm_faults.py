@@ -23,7 +23,9 @@ from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager, SalesforceSchema
 from crm_states.crm.salesforce import TokenCache
 from crm_states.runner import RunnerConfig, ValidationRunner
+from crm_states.store import POSITIONS
 from crm_states.testing import Fault, Faults, FakeSalesforce
+from tests.faults import history_lengths, states_by_profile
 from crm_states.testing.salesforce import SESSION_EXPIRED, UNABLE_TO_LOCK_ROW
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
@@ -223,8 +225,8 @@ def test_request_limit_exceeded_half_way_stops_cleanly_and_a_later_run_finishes(
     assert "run `crm-states validate-nb` again" in first.stdout and "Traceback" not in first.stderr
     assert fake.counts["query"] == 11  # ten answered, one refused and not retried
     # Clean: the refused lookup's profiles were not moved at all, and no lease is left behind.
-    assert db.profiles.count_documents({f"crm_state.{nb.NAME}": {"$exists": True}}) == 1000
-    assert db.crm_transitions.count_documents({}) == 4000
+    assert db[POSITIONS].count_documents({"machine": nb.NAME}) == 1000
+    assert sum(history_lengths(db, nb.NAME).values()) == 4000
     assert db.crm_leases.count_documents({"owner": {"$exists": True}}) == 0
 
     fake.daily_limit = 100_000  # the next day
@@ -288,10 +290,9 @@ def test_a_seeded_mix_of_faults(db, fake: FakeSalesforce) -> None:
     unexpected = check.states.pop("WroteUnexpectedResponse", 0)
     assert unexpected % 100 == 0  # a failed lookup sends its whole range, never part of it
     expected = Counter({"WroteSalesforceAppUserUid": len(found), "WroteNotFound": 3000 - len(found)})
-    for profile in db.profiles.find({"nationbuilder_id": {"$exists": True}}, {"id": 1, f"crm_state.{nb.NAME}.state": 1}):
-        state = profile["crm_state"][nb.NAME]["state"]
-        want = "WroteSalesforceAppUserUid" if profile["id"] in found else "WroteNotFound"
-        assert state in (want, "WroteUnexpectedResponse"), (profile["id"], state)
+    for pid, state in states_by_profile(db, nb.NAME).items():
+        want = "WroteSalesforceAppUserUid" if pid in found else "WroteNotFound"
+        assert state in (want, "WroteUnexpectedResponse"), (pid, state)
     signup_states = Counter(r.state for r in results)
     assert set(signup_states) <= {"WroteSalesforceAppUserUid", "WroteSalesforceErrorToDb"}
     check_histories(db, signup.SPEC).assert_clean()

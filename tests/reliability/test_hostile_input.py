@@ -21,6 +21,7 @@ from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager
 from crm_states.crm.salesforce import TokenCache
 from crm_states.runner import RunnerConfig, ValidationRunner
+from crm_states.store import POSITIONS, Store
 from crm_states.testing import FakeSalesforce
 from crm_states.testing.salesforce import parse_soql
 from machines import nb_profile_validation as nb
@@ -122,18 +123,19 @@ def _validate_batch(db: Any, values: list[Any], extras: list[dict[str, Any]]) ->
         looked_up = {str(v) for v in expected.values() if isinstance(v, int)}
         assert_soql_is_ours(fake, "NationBuilder_Id__c", looked_up)
     profiles = {p["id"]: p for p in db.profiles.find({"id": {"$in": ids}})}
+    positions = Store(db).positions_of(nb.NAME, ids)
     for pid, want in expected.items():
         profile = profiles[pid]
-        state = ((profile.get("crm_state") or {}).get(nb.NAME) or {})
+        state = positions.get(pid)
         if want is None:
-            assert not state, (profile["nationbuilder_id"], state)
+            assert state is None, (profile["nationbuilder_id"], state)
         elif want in ("error", "unclear error"):
-            assert state["state"] == "ScriptFailureLogged", (f"{profile['nationbuilder_id']!r:.80}", state)
-            error = state["detail"]["error"]
+            assert state.state == "ScriptFailureLogged", (f"{profile['nationbuilder_id']!r:.80}", state)
+            error = state.detail["error"]
             assert want != "error" or "nationbuilder_id" in error, f"{profile['nationbuilder_id']!r:.80}: {error}"
         else:
-            assert state["state"] == ("WroteSalesforceAppUserUid" if want in app_users else "WroteNotFound")
-            assert state["detail"]["nationbuilder_id"] == want
+            assert state.state == ("WroteSalesforceAppUserUid" if want in app_users else "WroteNotFound")
+            assert state.detail["nationbuilder_id"] == want
             assert profile.get("sf_app_user_id") == app_users.get(want)
     check_histories(db, nb.SPEC, {"id": {"$in": ids}}).assert_clean()
 
@@ -161,9 +163,9 @@ def test_a_nationbuilder_id_too_large_for_mongodb_is_an_error_not_a_crash(db, mo
         run = cli(env, "validate-nb")
     assert "Traceback" not in run.stderr, run.stderr[-1500:]
     assert run.returncode in (0, 1), run.stdout + run.stderr
-    states = {p["id"]: p["crm_state"][nb.NAME] for p in db.profiles.find({}, {"id": 1, "crm_state": 1})}
-    assert {pid: s["state"] for pid, s in states.items() if pid != 6} == {i: "WroteNotFound" for i in range(1, 6)}
-    assert states[6]["state"] == "ScriptFailureLogged" and "nationbuilder_id" in states[6]["detail"]["error"]
+    states = Store(db).positions_of(nb.NAME, range(1, 7))
+    assert {pid: s.state for pid, s in states.items() if pid != 6} == {i: "WroteNotFound" for i in range(1, 6)}
+    assert states[6].state == "ScriptFailureLogged" and "nationbuilder_id" in states[6].detail["error"]
 
 
 def test_a_superscript_digit_gets_an_error_naming_the_field(db) -> None:
@@ -172,8 +174,9 @@ def test_a_superscript_digit_gets_an_error_naming_the_field(db) -> None:
     db.profiles.insert_many([{"id": 1, "nationbuilder_id": "²"}, {"id": 2, "nationbuilder_id": "-5"}])
     with FakeSalesforce() as fake:
         ValidationRunner(CrmStates.open(db, _crm(fake)), RunnerConfig(chunk_size=100)).run()
-    errors = {p["id"]: p["crm_state"][nb.NAME]["detail"]["error"] for p in db.profiles.find()}
-    assert {p["crm_state"][nb.NAME]["state"] for p in db.profiles.find()} == {"ScriptFailureLogged"}
+    positions = Store(db).positions_of(nb.NAME, [1, 2])
+    errors = {pid: p.detail["error"] for pid, p in positions.items()}
+    assert {p.state for p in positions.values()} == {"ScriptFailureLogged"}
     assert "nationbuilder_id" in errors[2]
     assert "nationbuilder_id" in errors[1], errors[1]
 
@@ -187,7 +190,7 @@ def test_a_profile_whose_id_is_not_an_int_does_not_stop_the_batch(db, caplog, ba
     with FakeSalesforce() as fake:
         report = ValidationRunner(CrmStates.open(db, _crm(fake)), RunnerConfig(chunk_size=100)).run()
     assert report.states == {"WroteNotFound": 2}
-    assert db.profiles.count_documents({"crm_state": {"$exists": True}}) == 2
+    assert db[POSITIONS].count_documents({}) == 2
     assert f"skipping a profile whose id is not an int: {bad_id!r}" in caplog.text
 
 
@@ -204,8 +207,8 @@ def _signup(db: Any, email: Any, first_name: Any, last_name: Any) -> str:
         if soql:
             assert_soql_is_ours(fake, "Sefaria_App_Email__c", {email})
     profile = db.profiles.find_one({"id": pid})
-    position = profile["crm_state"][signup.NAME]
-    assert result.outcome == "finished" and position["state"] == result.state
+    position = Store(db).position(pid, signup.NAME)
+    assert result.outcome == "finished" and position.state == result.state
     bad_email = not isinstance(email, str) or email == ""
     bad_name = next((f for f, v in (("first_name", first_name), ("last_name", last_name))
                      if v is not None and v != "" and not isinstance(v, str)), None)

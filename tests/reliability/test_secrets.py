@@ -1,6 +1,8 @@
 """6. Secrets: with a sentinel client secret and the fake's issued access tokens, everything a run produced
 is searched (captured logs and stderr, every document of every collection of every database, the journal,
-CSV exports of ``crm-states report --csv``, the database server's log, exception messages). Salesforce
+CSV exports of ``crm-states report --csv``, the HTML page of ``--html`` and the text of ``--prometheus``
+(run with a database URL whose password is a sentinel too), the library's metrics as scraped, its logs as
+Sefaria's structlog setup renders them in JSON, the database server's log, exception messages). Salesforce
 is made to echo the secret and the token back in its error bodies, so redaction is really exercised."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from bson import json_util
+from prometheus_client import REGISTRY, generate_latest
 from pymongo import MongoClient
 
 from crm_states.api import CrmStates
@@ -22,10 +25,12 @@ from crm_states.crm.salesforce import TokenCache
 from crm_states.testing import Fault, FakeSalesforce, MongoServer
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
+from tests.operator_seed import json_logs
 from tests.reliability.checks import cli, cli_env, record, seed_nb_profiles, seed_signup_profiles
 
 HERE = Path(__file__).resolve().parent
 SENTINEL = "SENTINEL-client-secret-0b5e3a7c91"
+DB_SENTINEL = "SENTINEL-db-password-5f27c04e18"  # the password in the operator's MONGO_URL
 FAST = RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0, read_timeout=5.0)
 
 
@@ -51,7 +56,8 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
     errors: list[BaseException] = []
     client: MongoClient = MongoClient(server.url)
     db = client.secrets
-    with FakeSalesforce(client_secret=SENTINEL, token_call_limit=7) as fake:
+    client.admin.command("createUser", "operator", pwd=DB_SENTINEL, roles=["root"])
+    with FakeSalesforce(client_secret=SENTINEL, token_call_limit=7) as fake, json_logs(logging.DEBUG) as json_log:
         seed_nb_profiles(db, fake, 600)
         users = seed_signup_profiles(db, 30, first_id=100_001)
         journal = tmp_path / "journal.jsonl"
@@ -74,7 +80,7 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
         for uid in users[:3]:
             if uid == users[2]:
                 client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1},
-                                      "data": {"failCommands": ["insert"], "errorCode": 6}})
+                                      "data": {"failCommands": ["update"], "errorCode": 6}})
             out = cli(env, "signup", "-v", "--user-id", str(uid))
             client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
             texts[f"signup {uid}"] = out.stdout + out.stderr
@@ -94,6 +100,7 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
         crm.find_crm_id("warm-up@example.org")
         token = fake.issued_tokens[-1]
         leak = f"session {token} / client secret {SENTINEL}"  # whole (under the 200-character cut: see below)
+        fake.inject(Fault.error(503, body=echo(f"busy: {leak}")), times=1, kind="query")  # retried: a JSON log line
         fake.inject(Fault.error(400, body=echo(leak, "INVALID_QUERY_FILTER_OPERATOR")), times=1, kind="query")
         extra = seed_nb_profiles(db, fake, 20, first_id=50_001)
         results = app.validate_profiles(list(db.profiles.find({"id": {"$gte": 50_001, "$lt": 60_000}})))
@@ -122,6 +129,15 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
             out = cli(env, *args)
             texts[" ".join(args)] = out.stdout + out.stderr
             assert out.returncode in (0, 1), texts[" ".join(args)]
+        # The operator's view, from a URL that carries a user name and a password.
+        with_password = {**env, "MONGO_URL": server.url.replace("mongodb://", f"mongodb://operator:{DB_SENTINEL}@")}
+        page = tmp_path / "report.html"
+        for args in (("report", "--html", str(page)), ("report", "--prometheus")):
+            out = cli(with_password, *args)
+            texts[" ".join(args)] = out.stdout + out.stderr
+            assert out.returncode == 0, texts[" ".join(args)]
+        texts["report.html"] = page.read_text(encoding="utf-8")
+        assert "crm_states_profiles{" in texts["report --prometheus"] and "<svg" in texts["report.html"]
         report = json.loads(cli(env, "report", "--json").stdout)
         for machine, states in report.items():
             for state, row in states.items():
@@ -135,6 +151,8 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
 
     # Everything: captured logs, files, and every document of every collection of every database.
     texts["caplog"] = caplog.text
+    texts["json logs"] = json_log.getvalue()
+    texts["metrics"] = generate_latest(REGISTRY).decode("utf-8")
     texts["journal"] = journal.read_text(encoding="utf-8")
     texts["server log"] = (tmp_path / "server.log").read_text(encoding="utf-8", errors="replace")
     texts["exceptions"] = "\n".join(f"{e}\n{e!r}\n{e.args!r}" for e in errors)
@@ -146,7 +164,7 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
                 texts[f"mongo {name}.{collection} #{documents}"] = json_util.dumps(doc, ensure_ascii=False)
                 documents += 1
     client.close()
-    secrets = [SENTINEL, base64.b64encode(f"{client_id}:{SENTINEL}".encode()).decode(),
+    secrets = [SENTINEL, DB_SENTINEL, base64.b64encode(f"{client_id}:{SENTINEL}".encode()).decode(),
                *(t.split("!", 1)[1] for t in tokens)]  # a token is "<org id>!<secret part>"
     leaks = [(where, secret[:8] + "...") for where, text in texts.items() for secret in secrets if leaked(secret, text)]
     assert not leaks, leaks[:10]
@@ -156,6 +174,9 @@ def test_the_secret_and_the_access_tokens_appear_nowhere(server: MongoServer, tm
     assert len(tokens) >= 3 and everything.count("***") >= 10
     assert "client secret *** is not valid" in everything and "echo client_secret=***" in everything
     assert "Bearer ***" in everything
+    json_lines = [json.loads(line) for line in texts["json logs"].splitlines()]
+    assert any(line.get("outcome") == "retried" and line.get("error_class") == "CrmTransientError" for line in json_lines)
+    assert "crm_states_crm_requests_total{" in texts["metrics"]
     record("6 secrets", texts_searched=len(texts), mongo_databases=sorted(client_dbs), mongo_documents=documents,
            tokens_issued=len(tokens),
            csv_exports=sum(1 for k in texts if k.endswith(".csv")), journal_entries=texts["journal"].count("\n"),
@@ -180,6 +201,6 @@ def test_a_secret_cut_by_the_200_character_limit_is_still_redacted(db, where: st
                                                          "y" * 170 + f" {SENTINEL} " + "z" * 200}).encode()), times=1, kind="token")
         results = CrmStates.open(db, crm).validate_profiles(list(db.profiles.find()))
     assert {r.state for r in results} == {"WroteUnexpectedResponse"}
-    stored = json_util.dumps(list(db.profiles.find()) + list(db.crm_transitions.find()), ensure_ascii=False)
+    stored = json_util.dumps(list(db.profiles.find()) + list(db.crm_positions.find()), ensure_ascii=False)
     assert "…" in stored  # the message was cut
     assert not leaked(secret, stored), [line for p in db.profiles.find() for line in p["CrmLog"]][0][-120:]
