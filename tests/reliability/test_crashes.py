@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from crm_states.store import POSITIONS
+from crm_states.store import POSITIONS, position_key
 from crm_states.testing import Fault, FakeSalesforce
 from tests.faults import states_by_profile
 from machines import nb_profile_validation as nb
@@ -41,17 +41,18 @@ def _finished(db, machine) -> int:
     return db[POSITIONS].count_documents({"machine": machine, "state": {"$in": sorted(spec.terminal)}})
 
 
-def _pending_ids(db) -> list[int]:  # type: ignore[no-untyped-def]
-    done = {f"crm_state.{nb.NAME}.state": {"$in": sorted(nb.SPEC.terminal)}}
-    return sorted(p["id"] for p in db.profiles.find({"$nor": [done]}, {"_id": 0, "id": 1}))
+def _pending_ids(db, total: int) -> list[int]:  # type: ignore[no-untyped-def]
+    terminal = {"machine": nb.NAME, "state": {"$in": sorted(nb.SPEC.terminal)}}
+    done = {d["profile_id"] for d in db[POSITIONS].find(terminal, {"_id": 0, "profile_id": 1})}
+    return [pid for pid in range(1, total + 1) if pid not in done]
 
 
 def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str, fake: FakeSalesforce,
                                                               tmp_path: Path) -> None:
     """Each kill lands at a random point of progress measured in the database (once the k-th pending
-    profile, k random, has its commit record or its profile update: the runner's next write may be that
-    update, a lease or another chunk's lookup), whatever the server's speed; when the work runs out
-    before the kills have landed, more profiles are added."""
+    profile, k random, has its profile written or its position moved: the runner's next write may be
+    that position, a lease or another chunk's lookup), whatever the server's speed; when the work runs
+    out before the kills have landed, more profiles are added."""
     found = seed_nb_profiles(db, fake, PROFILES)
     total = PROFILES
     env = cli_env(mongo_url, db.name, fake, tmp_path / "journal.jsonl")
@@ -62,21 +63,23 @@ def test_validate_nb_killed_at_random_instants_loses_nothing(db, mongo_url: str,
     dangling_after_kill: list[int] = []
     finished_after_kill: list[int] = []
     while mid_run < MID_RUN_KILLS or kills < MID_RUN_KILLS + 4:
-        pending = _pending_ids(db)
+        pending = _pending_ids(db, total)
         if len(pending) < 200:  # the work ran out before the kills landed: add more
             found.update(seed_nb_profiles(db, fake, MORE_PROFILES, first_id=total + 1))
             pending += range(total + 1, total + MORE_PROFILES + 1)
             total += MORE_PROFILES
         queries = fake.counts["query"]
-        # The profile whose progress triggers the kill, and what to watch: its commit record (the kill may
-        # fall before its profile update) or its profile update. Point queries: cheap on every server,
-        # so the watching does not slow the runner down.
+        # The profile whose progress triggers the kill, and what to watch: its profile write (the kill may
+        # fall before its position moves) or its position. Point queries: cheap on every server, so the
+        # watching does not slow the runner down.
         to_go = max(1, MID_RUN_KILLS - mid_run)
         # (never one of the last 100: the kill must leave the final run work to finish)
         target = pending[rng.randint(1, max(1, min(2 * len(pending) // (to_go + 1), len(pending) - 100))) - 1]
-        watch = (db.crm_transitions, {"profile_id": target})
-        if rng.random() < 0.5 or db.crm_transitions.find_one(watch[1], {"_id": 1}):  # (a record left by a kill)
-            watch = (db.profiles, {"id": target, f"crm_state.{nb.NAME}.state": {"$in": sorted(nb.SPEC.terminal)}})
+        watch = (db.profiles, {"id": target, "$or": [{"sf_app_user_id": {"$exists": True}},
+                                                     {"CrmLog": {"$exists": True}}]})
+        if rng.random() < 0.5 or db.profiles.find_one(watch[1], {"_id": 1}):  # (a write left by a kill)
+            watch = (db[POSITIONS], {"_id": position_key(nb.NAME, target),
+                                     "state": {"$in": sorted(nb.SPEC.terminal)}})
         with open(tmp_path / "runner.log", "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         spawned = time.monotonic()
