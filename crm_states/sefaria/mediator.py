@@ -76,13 +76,6 @@ class CrmMediator:
     def __init__(self) -> None:
         self.app: CrmStates = shared_app()
 
-    @classmethod
-    def using(cls, app: CrmStates) -> CrmMediator:
-        """A mediator over a given ``CrmStates`` (tests, tools), bypassing the settings."""
-        mediator = cls.__new__(cls)
-        mediator.app = app
-        return mediator
-
     # --- Sefaria's methods ------------------------------------------------------------------------------
     def create_crm_user(self, email: str, first_name: str, last_name: str, lang: str = "en",
                         educator: bool = False) -> bool | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from pymongo import MongoClient
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
 from ..api import DEFAULT_DB, CrmStates, connect
 from ..crm.factory import LazyCrm, crm_from_env
@@ -83,20 +84,24 @@ def sefaria_database(mongo: Mapping[str, Any]) -> Database:
         host = ",".join(str(h) for h in host)
     if not isinstance(host, str) or not host.strip():
         raise ValueError("MONGO_HOST must name the MongoDB host (or a comma-separated list of host:port)")
-    user, password = mongo.get("SEFARIA_DB_USER") or "", mongo.get("SEFARIA_DB_PASSWORD") or ""
-    replica_set = mongo.get("MONGO_REPLICASET_NAME")
-    if replica_set:
-        auth = (f"{urllib.parse.quote_plus(str(user))}:{urllib.parse.quote_plus(str(password))}@"
-                if user and password else "")
-        query = urllib.parse.urlencode({"replicaSet": str(replica_set), "readPreference": "primaryPreferred"})
-        client: MongoClient = MongoClient(f"mongodb://{auth}{host.strip()}/?{query}", **CLIENT_OPTIONS)
-    else:
-        port = _port(mongo.get("MONGO_PORT"))
-        credentials = {"username": str(user), "password": str(password)} if user and password else {}
-        client = MongoClient(host.strip(), port, **credentials, **CLIENT_OPTIONS)
     name = mongo.get("SEFARIA_DB") or DEFAULT_DB
     if not isinstance(name, str):
         raise ValueError(f"SEFARIA_DB must be a database name, got a {type(name).__name__}")
+    user, password = mongo.get("SEFARIA_DB_USER") or "", mongo.get("SEFARIA_DB_PASSWORD") or ""
+    replica_set = mongo.get("MONGO_REPLICASET_NAME")
+    port = _port(mongo.get("MONGO_PORT"))
+    try:
+        if replica_set:
+            auth = (f"{urllib.parse.quote_plus(str(user))}:{urllib.parse.quote_plus(str(password))}@"
+                    if user and password else "")
+            query = urllib.parse.urlencode({"replicaSet": str(replica_set), "readPreference": "primaryPreferred"})
+            client: MongoClient = MongoClient(f"mongodb://{auth}{host.strip()}/?{query}", **CLIENT_OPTIONS)
+        else:
+            credentials = {"username": str(user), "password": str(password)} if user and password else {}
+            client = MongoClient(host.strip(), port, **credentials, **CLIENT_OPTIONS)
+    except (PyMongoError, TypeError, ValueError) as exc:  # its message may quote the URI and password: not shown
+        raise ValueError(f"MONGO_HOST, MONGO_PORT and MONGO_REPLICASET_NAME do not name a MongoDB "
+                         f"({type(exc).__name__})") from None
     return client[name]
 
 

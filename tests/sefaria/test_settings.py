@@ -68,6 +68,8 @@ def test_a_replica_set_is_reached_by_sefarias_uri() -> None:
     ({"MONGO_HOST": "localhost", "MONGO_PORT": "27o17"}, "MONGO_PORT"),
     ({"MONGO_HOST": "localhost", "MONGO_PORT": 70000}, "MONGO_PORT"),
     ({"MONGO_HOST": "localhost", "SEFARIA_DB": 7}, "SEFARIA_DB"),
+    ({"MONGO_HOST": "db1:27017,db2:x", "MONGO_REPLICASET_NAME": "rs0"}, "do not name a MongoDB"),
+    ({"MONGO_HOST": "mongodb://db1", "MONGO_REPLICASET_NAME": "rs0"}, "do not name a MongoDB"),
 ])
 def test_bad_mongodb_settings_are_named_not_shown(mongo: dict, message: str) -> None:
     secret = "SENTINEL-pw-1f2e3d"
