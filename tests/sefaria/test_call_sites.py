@@ -13,6 +13,7 @@ from django.db import transaction
 from crm_states.sefaria import CrmMediator
 from crm_states.sefaria.aftercare import AFTERCARE
 from crm_states.testing import Fault, FakeSalesforce
+from crm_states.testing.mongo import free_port
 from tests.faults import assert_history_is_path
 from machines import mailing_list_signup, mark_as_spam
 from machines import new_user_signup as signup
@@ -92,6 +93,9 @@ def test_create_crm_user_outside_a_transaction_runs_at_once(sefaria, db, fake: F
     assert CrmMediator().create_crm_user("noa@example.org", "Noa", "Katz") is True  # by email, case-insensitively
     assert profile(db, user.id) == {}  # Sefaria has not created the profile: nothing written into profiles
     assert CrmMediator().app.app_user_id(user.id) == app_user_of(fake, "noa@example.org")["Id"]
+    sefaria.UserProfile(id=user.id, user_registration=True).save()  # Sefaria creates it now, without the id
+    assert AFTERCARE.wait_idle(10)
+    assert profile(db, user.id)["sf_app_user_id"] == app_user_of(fake, "noa@example.org")["Id"]
     assert CrmMediator().create_crm_user("noa@example.org", "Noa", "Katz") is True  # again: no second app user
     assert len(fake.records(APP_USER)) == 1
     with transaction.atomic():
@@ -170,7 +174,7 @@ def test_newsletter_default_form_sends_no_lists_and_is_ok(sefaria, db, fake: Fak
     assert db.profiles.count_documents({}) == 0  # someone without an account: nothing in Sefaria's profiles
 
 
-def test_newsletter_with_lists_and_every_answer_the_view_maps(sefaria, db, fake: FakeSalesforce) -> None:
+def test_newsletter_with_lists_and_every_answer_the_view_maps(sefaria, settings_for, db, fake: FakeSalesforce) -> None:
     ok = {"firstName": "Avi", "lastName": "Ben", "lists": ["Daf Yomi", "Parashat HaShavua"]}
     assert sefaria.subscribe_to_newsletter_api("avi@example.org", ok) == (200, {"status": "ok"})
     assert json.loads(fake.records(APP_DATA)[0]["JSON_STRING__c"])["Newsletter_Names__c"] == ok["lists"]
@@ -190,6 +194,10 @@ def test_newsletter_with_lists_and_every_answer_the_view_maps(sefaria, db, fake:
     assert sefaria.logged[-1] == ("error", "Failed to subscribe to list")
     pid = mailing_list_signup.signup_id("avi@example.org")
     assert CrmMediator().app.position(pid, mailing_list_signup.NAME).state == "WroteSalesforceErrorToDb"
+    # The database unreachable: falsy as well (logged), never the view's 500.
+    with settings_for(MONGO_HOST="127.0.0.1", MONGO_PORT=free_port(), MONGO_REPLICASET_NAME=None):
+        assert sefaria.subscribe_to_newsletter_api("avi@example.org", ok) == error
+    assert len(fake.records(APP_DATA)) == 1
 
 
 def test_a_signed_in_users_newsletter_signup_is_theirs(sefaria, db, fake: FakeSalesforce) -> None:
