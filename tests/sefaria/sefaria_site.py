@@ -1,4 +1,4 @@
-"""Sefaria's side of the drop-in, written from the facts of docs (the reference page on Sefaria's code):
+"""Sefaria's side of the drop-in, written from the facts of Sefaria's code (Sefaria/Sefaria-Project at 4c0ecc1e):
 its ``UserProfile`` (load by id or email, whole-document saves of exactly its field list) and each call site
 of ``CrmMediator`` with its exact argument shapes and what it does with the answer. Each call site imports
 what Sefaria's file imports after the one import change:

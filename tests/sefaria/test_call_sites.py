@@ -1,4 +1,4 @@
-"""Every call site of Sefaria's ``CrmMediator`` (the reference page's table), replayed by the stand-in
+"""Every call site of Sefaria's ``CrmMediator`` (Sefaria/Sefaria-Project at 4c0ecc1e), replayed by the stand-in
 Sefaria with its exact argument shapes against FakeSalesforce over HTTP and the test database, checking
 what the caller does with the answer."""
 

@@ -23,7 +23,7 @@ APP_USER = "Sefaria_App_User__c"
 
 pytestmark = pytest.mark.usefixtures("django_project")
 
-#: Sefaria's CrmMediator (sefaria/helper/crm/crm_mediator.py), as the reference page gives it.
+#: Sefaria's CrmMediator (sefaria/helper/crm/crm_mediator.py at 4c0ecc1e), with its defaults.
 SEFARIA_SIGNATURES = {
     "create_crm_user": "(email, first_name, last_name, lang='en', educator=False)",
     "subscribe_to_lists": "(email, first_name, last_name, educator=False, lang='en', mailing_lists=None)",
