@@ -56,9 +56,9 @@ def machine(name: str) -> StateMachine:
         raise ValueError(f"unknown machine {name!r}; known: {', '.join(sorted(MACHINES))}") from None
 
 
-def _seconds_setting(name: str, default: float, *, zero: bool = False) -> float:
-    """A positive (or, with ``zero``, non-negative) finite number of seconds from the environment."""
-    text = os.environ.get(name, "").strip()
+def _seconds_setting(name: str, default: float, *, zero: bool = False, env: Mapping[str, Any] | None = None) -> float:
+    """A positive (or, with ``zero``, non-negative) finite number of seconds from ``env`` (the environment)."""
+    text = str((os.environ if env is None else env).get(name) or "").strip()
     if not text:
         return default
     try:
@@ -113,19 +113,25 @@ class CrmStates:
 
     @classmethod
     def from_env(cls, db: Database | None = None, *, journal_path: str | None = None,
-                 crm: CrmConnectionManager | None = None) -> CrmStates:
+                 crm: CrmConnectionManager | None = None, env: Mapping[str, Any] | None = None,
+                 ensure_indexes: bool = True) -> CrmStates:
         """The ``CrmStates`` the ``crm-states`` commands and the Celery tasks build from the environment:
         the CRM of ``CRM_TYPE`` and Sefaria's CRM settings (``CrmConfigError`` naming a missing one), the
         database ``db`` or else ``MONGO_URL``/``MONGO_DB`` (``connect``), and the journal file of
         ``CRM_STATES_JOURNAL``, else ``journal_path``; ``CRM_STATES_CLAIM_SECONDS`` and
         ``CRM_STATES_CLAIM_WAIT`` set how long a write-ahead claim lasts and how long a call waits for another
         live driver's outcome. One function, so a worker and a shell agree.
-        ``crm`` replaces the CRM of ``CRM_TYPE`` (the commands pass a ``LazyCrm``, built on first use)."""
-        crm = crm_from_env() if crm is None else crm
-        journal = os.environ.get("CRM_STATES_JOURNAL") or journal_path
-        states = cls.open(connect() if db is None else db, crm, journal_path=journal)
-        states.claim_seconds = _seconds_setting("CRM_STATES_CLAIM_SECONDS", states.claim_seconds)
-        states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True)
+        ``crm`` replaces the CRM of ``CRM_TYPE`` (the commands pass a ``LazyCrm``, built on first use).
+        ``env`` is where the settings are read (default ``os.environ``; ``crm_states.sefaria`` passes Django's);
+        without ``ensure_indexes`` nothing is sent to the database until the first read or commit."""
+        settings = os.environ if env is None else env
+        crm = crm_from_env(settings) if crm is None else crm
+        journal = settings.get("CRM_STATES_JOURNAL") or journal_path
+        if db is None:
+            db = connect(settings.get("MONGO_URL"), settings.get("MONGO_DB"))
+        states = cls.open(db, crm, journal_path=journal, ensure_indexes=ensure_indexes)
+        states.claim_seconds = _seconds_setting("CRM_STATES_CLAIM_SECONDS", states.claim_seconds, env=settings)
+        states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True, env=settings)
         return states
 
     def engine(self, name: str) -> Engine:
@@ -300,8 +306,11 @@ class CrmStates:
                 break
         return resumed
 
-    def heal(self, machine_name: str | None = None, *, dry_run: bool = False) -> HealReport:
+    def heal(self, machine_name: str | None = None, *, dry_run: bool = False,
+             profile_ids: Sequence[int] | None = None) -> HealReport:
         """Write back the data finished runs recorded where Sefaria's profile saves erased it (no CRM call;
-        idempotent); with ``dry_run`` only count. ``machine_name`` limits what is counted and fixed."""
+        idempotent); with ``dry_run`` only count. ``machine_name`` limits what is counted and fixed,
+        ``profile_ids`` the profiles looked at."""
         only = None if machine_name is None else [machine(machine_name).name]
-        return heal(self.store, list(MACHINES), only=only, dry_run=dry_run)
+        ids = None if profile_ids is None else [check_profile_id(pid) for pid in profile_ids]
+        return heal(self.store, list(MACHINES), only=only, dry_run=dry_run, profile_ids=ids)

@@ -3,8 +3,9 @@
 SignedUpForMailingList reads the request (email, lists, optional names, language, educator: from the
 caller's inputs, or from the run being resumed) into the run's detail. RequestAddToMailingLists is
 persisted before the request goes out (a CRM write) and calls ``add_email_to_mailing_lists``. The email is
-all that identifies the person to the CRM: no CRM id comes back and none is stored. An email that is not
-a non-empty string, or lists that are not a non-empty list of strings, is an unexpected response
+all that identifies the person to the CRM: no CRM id comes back and none is stored. An empty list is a
+signup to the CRM's default newsletter lists (Sefaria's default newsletter form sends none). An email that
+is not a non-empty string, or lists that are not a list of non-empty strings, is an unexpected response
 recorded, with nothing sent.
 
 Where a run is persisted. The signup may come from someone without a Sefaria account. Runs live in the
@@ -71,13 +72,12 @@ def request_of(run: Run) -> dict[str, Any]:
     return request
 
 
-
 def invalid(request: Mapping[str, Any]) -> str | None:
     email, lists = request["email"], request["lists"]
     if not isinstance(email, str) or not email.strip():
         return f"email must be a non-empty string, got {email!r}"
-    if not isinstance(lists, list) or not lists or not all(isinstance(x, str) and x for x in lists):
-        return f"lists must be a non-empty list of list names, got {lists!r}"
+    if not isinstance(lists, list) or not all(isinstance(x, str) and x for x in lists):
+        return f"lists must be a list of list names (empty: the default lists), got {lists!r}"
     for field in ("first_name", "last_name", "lang"):
         if request[field] is not None and not isinstance(request[field], str):
             return f"{field} must be a string, got {type(request[field]).__name__}"

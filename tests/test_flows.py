@@ -128,7 +128,7 @@ def test_change_email_histories_are_diagram_paths(crm_outcome: str, faults: set)
         result = app.change_email(9, email)  # type: ignore[arg-type]
 
         sends = crm_outcome not in ("no_crm_id", "bad_email")
-        answered = {"ok": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
+        answered = {"ok": "OK", "no_lists": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
         expected, persisted, commits = _expected(faults, change_email.SPEC, "RequestEmailChangeInSalesforce",
                                                  answered, "WroteEmailChange", "WroteSalesforceErrorToDb")
         calls = [c for c in crm.calls if c[0] == "change_user_email"]
@@ -182,7 +182,7 @@ def test_mark_as_spam_histories_are_diagram_paths(crm_outcome: str, review: bool
         result = app.mark_as_spam(4, review=review)
 
         method = "mark_for_review_in_crm" if review else "mark_as_spam_in_crm"
-        answered = {"ok": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
+        answered = {"ok": "OK", "no_lists": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
         expected, persisted, commits = _expected(faults, mark_as_spam.SPEC, "RequestMarkAsSpamInCrm", answered,
                                                  "WroteMarkedAsSpam", "WroteCrmErrorToDb")
         sent = crm_outcome != "no_crm_id" and expected is not None
@@ -226,13 +226,13 @@ def test_mailing_list_signup_histories_are_diagram_paths(crm_outcome: str, with_
         result = app.subscribe(email, lists, profile_id=21 if with_profile else None, first_name="Noa")
 
         assert result.profile_id == pid
-        answered = {"ok": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
+        answered = {"ok": "OK", "no_lists": "OK", "limit": "halted"}.get(crm_outcome, "UnexpectedResponse")
         expected, persisted, commits = _expected(faults, mailing_list_signup.SPEC, "RequestAddToMailingLists",
                                                  answered, "WroteMailingListSignup", "WroteSalesforceErrorToDb",
                                                  writes_error=with_profile)
-        sent = crm_outcome != "no_lists" and expected is not None
+        sent = expected is not None  # no lists is a signup to the default lists: sent too
         assert crm.calls == ([("add_email_to_mailing_lists", (email, tuple(lists)))] if sent else [])
-        subscribed = crm_outcome == "ok" and expected is not None
+        subscribed = crm_outcome in ("ok", "no_lists") and expected is not None
         assert all((email in crm.mailing_lists.get(name, set())) == subscribed for name in lists)
         journal = Path(tmp) / "j.jsonl"
         _check_run(mailing_list_signup.SPEC, result, clean, pid, journal, expected, persisted,

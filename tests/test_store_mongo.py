@@ -111,7 +111,7 @@ class BarrierStore(Store):
 
 def test_two_writers_on_one_profile_exactly_one_wins(db, crm: InMemoryCrm) -> None:
     db.profiles.insert_one({"id": 8, "email": "race@example.org"})
-    app = CrmStates(store=BarrierStore(db), crm=crm, claim_wait=0)
+    app = CrmStates(store=BarrierStore(db), crm=crm, claim_wait=10)
     app.store.ensure_indexes()
     results = []
     threads = [threading.Thread(target=lambda: results.append(app.run_signup(8))) for _ in range(2)]

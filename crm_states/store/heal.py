@@ -53,14 +53,16 @@ class HealReport:
 
 
 def heal(store: Store, machines: Sequence[str], *, only: Iterable[str] | None = None, dry_run: bool = False,
-         batch_size: int = DEFAULT_BATCH) -> HealReport:
+         batch_size: int = DEFAULT_BATCH, profile_ids: Iterable[int] | None = None) -> HealReport:
     """Find (and unless ``dry_run`` fix) every profile whose data disagrees with what the finished runs of
     ``machines`` recorded. ``only`` limits what is counted and fixed to those machines; every machine in
-    ``machines`` is still read, so the newest value of a shared field wins."""
+    ``machines`` is still read, so the newest value of a shared field wins. ``profile_ids`` limits the pass
+    to those profiles (the follow-up of one signup)."""
     report = HealReport(dry_run=dry_run)
     counted = set(only) if only is not None else set(machines)
+    where = None if profile_ids is None else {"profile_id": {"$in": list(profile_ids)}}
     batch: list[tuple[int, dict[str, ProfileData]]] = []
-    for profile_id, records in _records_by_profile(store, machines):
+    for profile_id, records in _records_by_profile(store, machines, where):
         batch.append((profile_id, records))
         if len(batch) >= batch_size:
             _heal_batch(store, batch, counted, report)
@@ -70,10 +72,11 @@ def heal(store: Store, machines: Sequence[str], *, only: Iterable[str] | None = 
     return report
 
 
-def _records_by_profile(store: Store, machines: Sequence[str]) -> Iterator[tuple[int, dict[str, ProfileData]]]:
+def _records_by_profile(store: Store, machines: Sequence[str], where: Mapping[str, Any] | None = None
+                        ) -> Iterator[tuple[int, dict[str, ProfileData]]]:
     """``(profile id, {machine: data})`` in profile id order, merging one sorted cursor per machine."""
     def stream(machine: str) -> Iterator[tuple[int, str, ProfileData]]:
-        for doc in store.scan(machine, {"data": 1}, {"data": {"$exists": True}}):
+        for doc in store.scan(machine, {"data": 1}, {"data": {"$exists": True}, **(where or {})}):
             yield doc["profile_id"], machine, ProfileData.from_doc(doc.get("data"))
 
     current: int | None = None

@@ -204,3 +204,84 @@ def test_a_secret_cut_by_the_200_character_limit_is_still_redacted(db, where: st
     stored = json_util.dumps(list(db.profiles.find()) + list(db.crm_positions.find()), ensure_ascii=False)
     assert "…" in stored  # the message was cut
     assert not leaked(secret, stored), [line for p in db.profiles.find() for line in p["CrmLog"]][0][-120:]
+
+
+def test_the_sefaria_drop_in_leaks_no_secret(server: MongoServer, tmp_path: Path, caplog) -> None:
+    """Sefaria's call sites through ``crm_states.sefaria`` with Django's settings: the client secret and a
+    MongoDB password (``SEFARIA_DB_PASSWORD``) as sentinels, Salesforce echoing the secret and its tokens in
+    error bodies at every call site, a wrong database password and a bad ``MONGO_PORT``: the call sites'
+    logs and replies, the library's logs (plain and JSON), the exceptions and every stored document are
+    searched."""
+    from django.test import override_settings
+
+    from crm_states.sefaria import CrmMediator
+    from crm_states.sefaria.aftercare import AFTERCARE
+    from tests.sefaria.project import setup_django
+
+    setup_django(tmp_path)
+    from tests.sefaria.sefaria_site import Sefaria
+
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="pymongo")
+    client: MongoClient = MongoClient(server.url)
+    client.admin.command("createUser", "sefaria", pwd=DB_SENTINEL, roles=["root"])
+    texts: dict[str, str] = {}
+    errors: list[BaseException] = []
+    with FakeSalesforce(client_secret=SENTINEL, token_call_limit=5) as fake, json_logs(logging.DEBUG) as json_log:
+        mongo = {"MONGO_HOST": "127.0.0.1", "MONGO_PORT": server.port, "SEFARIA_DB": "sefaria_secrets",
+                 "SEFARIA_DB_USER": "sefaria", "SEFARIA_DB_PASSWORD": DB_SENTINEL, "MONGO_REPLICASET_NAME": None}
+        crm = {"CRM_TYPE": "SALESFORCE", "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
+               "SALESFORCE_CLIENT_SECRET": SENTINEL, "CRM_STATES_AFTERCARE_SECONDS": "0.3,0.8"}
+        with override_settings(**mongo, **crm):
+            sefaria = Sefaria(client.sefaria_secrets)
+            sefaria.User.objects.all().delete()
+            sefaria.process_register_form("first@example.org", "First", "User")
+            token = fake.issued_tokens[-1]
+            leak = f"session {token} / client secret {SENTINEL}"
+            fake.inject(Fault.error(400, body=echo(leak, "INVALID_FIELD")), times=1, kind="create")
+            sefaria.process_register_form("refused@example.org", "Refused", "User")
+            uid = sefaria.sso_save_user("sso@example.org", "S", "O")
+            fake.inject(Fault.error(400, body=echo(f"Authorization: Bearer {token}")), times=1, kind="update")
+            texts["account update"] = str(sefaria.account_user_update(sefaria.User.objects.get(id=uid), "n@example.org"))
+            fake.inject(Fault.error(400, body=echo(leak)), times=1, kind="create")
+            texts["subscribe"] = str(sefaria.subscribe_to_newsletter_api("sub@example.org", {"firstName": "A",
+                                                                                             "lastName": "B"}))
+            fake.inject(Fault.error(400, body=echo(leak, "INVALID_QUERY_FILTER_OPERATOR")), times=1, kind="query")
+            texts["lists"] = str(sefaria.get_available_newsletter_mailing_lists())
+            fake.inject(Fault.error(400, body=echo(leak)), times=1, kind="update")
+            sefaria.purge_spammer_account_data(uid)
+            fake.inject(Fault.error(400, body=echo(leak, "INVALID_QUERY_FILTER_OPERATOR")), times=1, kind="query")
+            try:
+                sefaria.nation_builder_sync()
+            except Exception as exc:  # the cron job fails visibly: its message is searched too
+                errors.append(exc)
+            assert AFTERCARE.wait_idle(30)
+        with override_settings(**{**mongo, "SEFARIA_DB_PASSWORD": DB_SENTINEL + "-wrong"}, **crm):
+            texts["wrong password subscribe"] = str(sefaria.subscribe_to_newsletter_api(
+                "w@example.org", {"firstName": "W", "lastName": "P"}))
+            sefaria.sso_save_user("wrong@example.org", "W", "P")
+        with override_settings(**{**mongo, "MONGO_PORT": "not-a-port"}, **crm):
+            with pytest.raises(ValueError, match="MONGO_PORT") as caught:
+                CrmMediator()
+            errors.append(caught.value)
+        tokens = list(fake.issued_tokens)
+    texts["call sites logged"] = "\n".join(f"{level}: {message}" for level, message in sefaria.logged)
+    texts["caplog"] = caplog.text
+    texts["json logs"] = json_log.getvalue()
+    texts["exceptions"] = "\n".join(f"{e}\n{e!r}\n{e.args!r}" for e in errors)
+    documents = 0
+    for name in client.list_database_names():
+        for collection in client[name].list_collection_names():
+            for doc in client[name][collection].find():
+                texts[f"mongo {name}.{collection} #{documents}"] = json_util.dumps(doc, ensure_ascii=False)
+                documents += 1
+    client.close()
+    secrets = [SENTINEL, DB_SENTINEL, *(t.split("!", 1)[1] for t in tokens)]
+    leaks = [(where, secret[:8] + "...") for where, text in texts.items() for secret in secrets if leaked(secret, text)]
+    assert not leaks, leaks[:10]
+    # Not vacuous: the echoes reached the records (redacted), the failures were logged, the sync failed.
+    everything = "\n".join(texts.values())
+    assert everything.count("***") >= 5 and "502" in texts["lists"] and len(errors) == 2
+    assert "authentication failed" in everything and "MONGO_PORT" in texts["exceptions"] and tokens
+    record("6 secrets (Sefaria drop-in)", texts_searched=len(texts), mongo_documents=documents,
+           tokens_issued=len(tokens), redactions_seen=everything.count("***"), leaks=0)
