@@ -149,9 +149,12 @@ def write_app_user_id(run: Run, at: Any) -> ProfileWrite:
 
 
 def _log(code: str) -> Callable[[Run, Any], ProfileWrite]:
+    """A ``CrmLog`` line stamped with the time the lookup was committed (RequestedAppUser, write-ahead): a
+    run finished again after a crash writes the very same line, never a second line of one finding."""
     def write(run: Run, at: Any) -> ProfileWrite:
         message = None if code == NOT_FOUND else (run.detail.get("error") or "no detail")
-        return ProfileWrite(crm_log=crm_log_line(code, at, message), expect=_expected(run), requires_profile=True)
+        return ProfileWrite(crm_log=crm_log_line(code, run.position.at or at, message), expect=_expected(run),
+                            requires_profile=True)
 
     return write
 
