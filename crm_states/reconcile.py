@@ -119,8 +119,8 @@ class ReconcileRunner(ValidationRunner):
             user = users.get(pid)
             email = normalise_email(user.email) if user is not None and user.email else None
             if position.state not in IN_FLIGHT:
-                if self.joined_before is not None and (user is None or user.date_joined is None
-                                                       or user.date_joined >= self.joined_before):
+                joined = aware(user.date_joined) if user is not None else None
+                if self.joined_before is not None and (joined is None or joined >= self.joined_before):
                     continue
                 if position.state is not None and position.detail.get("email") == email:
                     continue  # a stopped run already looked this email up
