@@ -122,12 +122,15 @@ class ProfileWrite:
 class ProfileData:
     """What the finished runs of one machine mean a profile document to hold: field values (with when each
     was set, so the newest of several machines wins), the guard they were computed under, and the
-    ``CrmLog`` lines. Sefaria replaces whole profile documents with stale copies; ``heal`` writes this back."""
+    ``CrmLog`` lines. Sefaria replaces whole profile documents with stale copies; ``heal`` writes this back.
+    ``removed``: fields the machine removed on purpose, with the value they held (the retirement of
+    nationbuilder_id): records computed from that value still stand on it."""
 
     fields: Mapping[str, Any] = attrs.field(factory=dict)
     set_at: Mapping[str, dt.datetime] = attrs.field(factory=dict)
     guard: Mapping[str, Any] = attrs.field(factory=dict)
     crm_log: tuple[str, ...] = ()
+    removed: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -144,18 +147,21 @@ class ProfileData:
                                                 **{name: at for name in write.set}}.items() if name in fields}
         lines = merge_crm_log(self.crm_log, [write.crm_log] if write.crm_log else [])
         guard = dict(write.guard) if write.guard else dict(self.guard)
-        return ProfileData(fields, set_at, guard, lines)
+        removed = {**{k: v for k, v in self.removed.items() if k not in write.set},
+                   **{name: write.expect.get(name) for name in write.unset}}
+        return ProfileData(fields, set_at, guard, lines, removed)
 
     def to_doc(self) -> dict[str, Any]:
-        return {"fields": dict(self.fields), "set_at": dict(self.set_at), "guard": dict(self.guard),
-                "crm_log": list(self.crm_log)}
+        doc = {"fields": dict(self.fields), "set_at": dict(self.set_at), "guard": dict(self.guard),
+               "crm_log": list(self.crm_log)}
+        return {**doc, "removed": dict(self.removed)} if self.removed else doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any] | None) -> ProfileData:
         if not doc:
             return cls()
         return cls(dict(doc.get("fields") or {}), {k: _aware(v) for k, v in (doc.get("set_at") or {}).items()},
-                   dict(doc.get("guard") or {}), tuple(doc.get("crm_log") or ()))
+                   dict(doc.get("guard") or {}), tuple(doc.get("crm_log") or ()), dict(doc.get("removed") or {}))
 
 
 @attrs.frozen

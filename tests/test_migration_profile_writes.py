@@ -58,6 +58,8 @@ def test_the_data_forgets_a_removed_field_and_the_document_round_trips() -> None
     removed = restored.with_write(ProfileWrite(set={"sf_app_user_id": "a0X"}, unset=("nationbuilder_id",),
                                                expect={"nationbuilder_id": 7}), AT)
     assert removed.fields == {"sf_app_user_id": "a0X"} and set(removed.set_at) == {"sf_app_user_id"}
+    assert removed.removed == {"nationbuilder_id": 7} and ProfileData.from_doc(removed.to_doc()) == removed
+    assert removed.with_write(ProfileWrite(set={"nationbuilder_id": 7}), AT).removed == {}  # restored: not removed
     write = ProfileWrite(unset=["nationbuilder_id"], expect={"nationbuilder_id": " 7 "}, requires_profile=True)
     assert ProfileWrite.from_doc(write.to_doc()) == write and not write.empty
     assert ProfileWrite(expect={"sf_app_user_id": None}).empty  # a precondition alone writes nothing
