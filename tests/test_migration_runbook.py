@@ -171,6 +171,8 @@ def play(db, mongo_url: str, fake: FakeSalesforce, nation: FakeNationbuilder, tm
     shell.note("a stale profile save brought a retired id back: the next run finds it and retires it again")
     reappeared = shell.run("retire-nb-ids", "--allow-state", "WroteNotFound")
     assert "1 of them hold the very id this machine retired before" in reappeared
+    shell.note("every retired id can be put back exactly (a dry run here: nothing restored)")
+    assert f"{len(NB_ERA)} retired nationbuilder_ids to restore" in shell.run("retire-nb-ids", "--undo", "--dry-run")
 
     # --- Reconciliation of migrated users without a nationbuilder_id ----------------------------------------
     shell.note("reconcile: profiles with neither a nationbuilder_id nor an App User id")
