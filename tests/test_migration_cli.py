@@ -15,7 +15,12 @@ import pytest
 from crm_states.store import POSITIONS
 from machines import reconcile_by_email as reconcile
 from machines import retire_nb_ids as retire
-from tests.migration_seed import APP_USER, seed_nb_app_users, seed_nb_profiles, validate_all
+from tests.migration_seed import (
+    APP_USER,
+    seed_nb_app_users,
+    seed_nb_profiles,
+    validate_all,
+)
 from tests.test_cli import cli, env, fake, has_count  # noqa: F401
 from tests.test_cli_honest import DOWN, one_line, without_crm
 

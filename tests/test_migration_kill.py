@@ -29,7 +29,13 @@ from tests.migration_seed import (
     seed_orphans,
     validate_all,
 )
-from tests.reliability.checks import check_histories, cli, cli_command, cli_env, wait_until
+from tests.reliability.checks import (
+    check_histories,
+    cli,
+    cli_command,
+    cli_env,
+    wait_until,
+)
 
 PROFILES = 800
 KILLS = 8
@@ -46,6 +52,11 @@ def twin(mongo_client: MongoClient):
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield mongo_client[name]
     mongo_client.drop_database(name)
+
+
+def environments(mongo_url: str, fake: FakeSalesforce, tmp_path: Path) -> Callable[[str], dict[str, str]]:
+    """The commands' settings for one database of the pair (each with its own journal)."""
+    return lambda name: cli_env(mongo_url, name, fake, tmp_path / f"{name}.jsonl")
 
 
 def progress(db, machine: str, write_ahead: str) -> Callable[[], int]:
@@ -107,9 +118,7 @@ def test_retire_nb_ids_killed_at_random_instants_leaves_what_one_run_leaves(db, 
         database.profiles.update_many({"id": {"$in": list(range(3, PROFILES, 51))}}, {"$unset": {"sf_app_user_id": ""}})
         database.profiles.insert_one({"id": PROFILES + 1, "email": "never-nb@example.org"})
 
-    def env_of(name: str) -> dict[str, str]:
-        return cli_env(mongo_url, name, fake, tmp_path / f"{name}.jsonl")
-
+    env_of = environments(mongo_url, fake, tmp_path)
     args = ["retire-nb-ids", "--allow-state", "WroteNotFound", "--chunk-size", "40"]
     figures = run_both(db, twin, env_of, args, retire.NAME, "NbIdRecorded", 2 * PROFILES, tmp_path, 20261124)
     assert figures["kills_with_write_ahead_states_left"] >= 1, figures
@@ -133,9 +142,7 @@ def test_reconcile_by_email_killed_at_random_instants_leaves_what_one_run_leaves
     for database in (db, twin):
         seed_orphans(database, ids)
 
-    def env_of(name: str) -> dict[str, str]:
-        return cli_env(mongo_url, name, fake, tmp_path / f"{name}.jsonl")
-
+    env_of = environments(mongo_url, fake, tmp_path)
     args = ["reconcile-by-email", "--chunk-size", "40"]
     run_both(db, twin, env_of, args, reconcile.NAME, "RequestedAppUser", 2 * PROFILES, tmp_path, 5771)
     check = check_histories(twin, reconcile.SPEC)

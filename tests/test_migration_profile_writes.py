@@ -9,7 +9,14 @@ import datetime as dt
 from bson.int64 import Int64
 
 from crm_states.records import ProfileData, ProfileWrite
-from crm_states.store.profile_writes import ABSENT, CHANGED, WRITTEN, PlannedWrite, apply_writes, condition_of
+from crm_states.store.profile_writes import (
+    ABSENT,
+    CHANGED,
+    WRITTEN,
+    PlannedWrite,
+    apply_writes,
+    condition_of,
+)
 
 AT = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 

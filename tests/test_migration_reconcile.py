@@ -20,7 +20,12 @@ from crm_states.testing import FakeSalesforce
 from crm_states.users import User
 from machines import new_user_signup as signup
 from machines import reconcile_by_email as reconcile
-from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path, states_by_profile
+from tests.faults import (
+    FlakyDatabase,
+    WritePlan,
+    assert_history_is_path,
+    states_by_profile,
+)
 from tests.migration_seed import APP_USER, app_for
 
 UTC = dt.timezone.utc

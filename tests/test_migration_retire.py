@@ -19,7 +19,7 @@ from crm_states.journal import Journal, replay_file
 from crm_states.store import POSITIONS, Store
 from machines import nb_profile_validation as nb
 from machines import retire_nb_ids as retire
-from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path, states_by_profile
+from tests.faults import FlakyDatabase, WritePlan, assert_history_is_path
 
 ACCEPT = ["WroteNotFound"]
 

@@ -28,7 +28,7 @@ from crm_states.crm import NationbuilderConnectionManager, RetryPolicy
 from crm_states.journal import Journal
 from crm_states.runner import RunnerConfig, ValidationRunner
 from crm_states.store import Store
-from crm_states.testing import Fault, FakeNationbuilder, FakeSalesforce
+from crm_states.testing import FakeNationbuilder, FakeSalesforce, Fault
 from machines import nb_profile_validation as nb
 from machines import reconcile_by_email as reconcile
 from machines import retire_nb_ids as retire
