@@ -49,7 +49,14 @@ from .api import MACHINES, CrmStates
 from .crm.errors import CrmLimitExceeded, CrmTransientError
 from .engine import RunResult
 from .records import Position
-from .runner import NB_FILTER, PROJECTION, Progress, RunnerConfig, RunnerReport, ValidationRunner
+from .runner import (
+    NB_FILTER,
+    PROJECTION,
+    Progress,
+    RunnerConfig,
+    RunnerReport,
+    ValidationRunner,
+)
 from .sustainers import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DEMOTE_SHARE, SyncReport
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"

@@ -30,10 +30,10 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 from machines import nb_profile_validation as nb
 
 from . import metrics
-from .api import CrmStates
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
 from .progress import Progress, RunnerReport
+from .protocols import States as CrmStates
 from .records import Position
 from .store.documents import position_from_doc
 
@@ -104,14 +104,19 @@ def _reap(in_flight: deque[Future[None]]) -> None:
 
 
 class ValidationRunner:
-    """Validates every pending NationBuilder profile; several may run at once on one database."""
+    """Validates every pending NationBuilder profile; several may run at once on one database.
+
+    Another batch job over id ranges reuses it by naming its ``machine`` and overriding ``pending_after``,
+    ``_read_chunk`` and ``_drive`` (``crm_states.reconcile``, ``crm_states.retirement``)."""
+
+    machine = nb.NAME
 
     def __init__(self, app: CrmStates, config: RunnerConfig = RunnerConfig(), *,
                  progress: Callable[[int], Progress] | None = None) -> None:
         self.app = app
         self.config = config
         self.profiles = app.store.profiles
-        self.leases = RangeLeases(app.store.db[LEASES], nb.NAME, seconds=config.lease_seconds)
+        self.leases = RangeLeases(app.store.db[LEASES], self.machine, seconds=config.lease_seconds)
         self.make_progress = progress or (lambda total: Progress(total))
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -197,7 +202,7 @@ class ValidationRunner:
         failures = 0
         while True:
             try:
-                for pid in pending_ids(self.app, after=last, batch_size=self.config.chunk_size):
+                for pid in self.pending_after(last, self.config.chunk_size):
                     failures = 0
                     last = pid
                     yield pid
@@ -209,6 +214,10 @@ class ValidationRunner:
                 log.warning("the cursor over pending profiles was lost (%s); reopening it after id %s",
                             type(exc).__name__, last)
                 time.sleep(_backoff(failures))
+
+    def pending_after(self, after: int | None, batch_size: int) -> Iterator[int]:
+        """Pending profile ids above ``after``, in id order."""
+        return pending_ids(self.app, after=after, batch_size=batch_size)
 
     @staticmethod
     def _outlasting_outages(call: Callable[[], T]) -> T:
@@ -268,7 +277,7 @@ class ValidationRunner:
         return engine.drive([engine.prepare(p, positions.get(p["id"], Position()), restart=True) for p in profiles])
 
     def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
-        metrics.runner_results(nb.NAME, results)
+        metrics.runner_results(self.machine, results)
         with self._lock:
             report.lookups += 1
             done = report.add(results)

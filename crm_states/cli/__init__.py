@@ -37,6 +37,7 @@ from .common import (
     share,
 )
 from .heal_command import configure_parser as configure_heal
+from .migration_command import configure_reconcile, configure_retire
 from .report_command import cmd_report
 from .report_command import configure_parser as configure_report
 
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "profile whose data disagrees with what its finished runs recorded and write it "
                                       "back, in batches; idempotent: run it every few minutes. CRM: none.")
     configure_heal(heal)
+
+    configure_retire(sub.add_parser("retire-nb-ids", help="remove nationbuilder_id from every validated profile "
+                                                          "(--undo puts them back); no CRM call"))
+    configure_reconcile(sub.add_parser("reconcile-by-email", help="give profiles without a nationbuilder_id or an App "
+                                                                  "User id the App User of their email"))
 
     report = sub.add_parser("report", help="count profiles in each state of each machine")
     add_common(report)

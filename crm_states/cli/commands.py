@@ -98,7 +98,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.state in spec.diagram.finals:
         raise CliError(f"{args.state} is the final state of {args.machine}: nothing to resume")
     # A DB-failure state may hold results that need no CRM call: its CRM is asked for only when used.
-    needs = None if args.state in spec.db_failure_states else machine_crm(args.machine)
+    needs = None if args.state in spec.db_failure_states or not machine_crm(args.machine) else machine_crm(args.machine)
     crm = command_crm("resume", needs, f"to re-drive {args.machine} profiles in {args.state}")
     outcomes: Counter[str] = Counter()
     halted: Counter[str] = Counter()  # not re-driven: where they stand now

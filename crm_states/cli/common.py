@@ -81,6 +81,8 @@ WRITERS = ("SALESFORCE", "NATIONBUILDER", "LOG", "NONE")
 MACHINE_CRM: Mapping[str, tuple[str, ...]] = {
     "nb_profile_validation": READ_NEEDS["find_app_users_by_nationbuilder_ids"],
     "sync_sustainers": READ_NEEDS["get_sustainers"],
+    "reconcile_by_email": READ_NEEDS["lookup_app_users_by_emails"],
+    "retire_nb_ids": (),  # no CRM call
 }
 
 

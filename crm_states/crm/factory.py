@@ -47,7 +47,9 @@ def crm_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> CrmC
     if crm_type == "SALESFORCE":
         base_url, client_id, client_secret = require(
             crm_type, "SALESFORCE_BASE_URL", "SALESFORCE_CLIENT_ID", "SALESFORCE_CLIENT_SECRET")
-        from .salesforce import SalesforceConnectionManager  # lazy: the other types must not need it
+        from .salesforce import (
+            SalesforceConnectionManager,  # lazy: the other types must not need it
+        )
 
         keywords: dict[str, Any] = {}
         if get("SALESFORCE_API_VERSION"):
