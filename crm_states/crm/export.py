@@ -58,10 +58,13 @@ class ExportRow:
 
 @attrs.frozen
 class ExportProblem:
-    """A line that could not be read as a row, and why (never the offending value itself)."""
+    """A line that could not be read as a row, and why (never the offending value itself).
+    ``nationbuilder_id`` is the line's NationBuilder id when that cell itself was readable, so a refused
+    App User can be filed under the id it belongs to."""
 
     line: int
     detail: str
+    nationbuilder_id: int | None = None
 
 
 class SalesforceExport:
@@ -135,22 +138,23 @@ class SalesforceExport:
         if len(values) < width:
             return ExportProblem(line, f"{len(values)} values, fewer than the header's columns")
         cell = {name: values[i].strip() for name, i in self._columns.items()}
-        for name, value in cell.items():
-            problem = size_problem(value, name) or (_not_utf8(name) if _has_surrogates(value) else None)
-            if problem:
-                return ExportProblem(line, problem)
-        nationbuilder_id = _nationbuilder_id(cell[NATIONBUILDER_ID])
+        problems = {name: problem for name, value in cell.items()
+                    if (problem := size_problem(value, name) or (_not_utf8(name) if _has_surrogates(value) else None))}
+        nationbuilder_id = (_nationbuilder_id(cell[NATIONBUILDER_ID]) if NATIONBUILDER_ID not in problems
+                            else problems[NATIONBUILDER_ID])
         if isinstance(nationbuilder_id, str):
             return ExportProblem(line, nationbuilder_id)
+        if problems:
+            return ExportProblem(line, next(iter(problems.values())), nationbuilder_id)
         ids: dict[str, str | None] = {}
         for name, prefix in ((CONTACT_ID, CONTACT_KEY_PREFIX), (APP_USER_ID, self.app_user_key_prefix)):
             value = cell[name] or None
             problem = record_id_problem(value, prefix, what=name) if value is not None else None
             if problem:
-                return ExportProblem(line, problem)
+                return ExportProblem(line, problem, nationbuilder_id)
             ids[name] = value
         if ids[CONTACT_ID] is None and ids[APP_USER_ID] is None:
-            return ExportProblem(line, f"neither a {CONTACT_ID} nor a {APP_USER_ID}")
+            return ExportProblem(line, f"neither a {CONTACT_ID} nor a {APP_USER_ID}", nationbuilder_id)
         return ExportRow(line, nationbuilder_id, ids[CONTACT_ID], ids[APP_USER_ID], cell[EMAIL] or None,
                          cell[SUSTAINER].casefold() == "active")
 
