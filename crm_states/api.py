@@ -128,9 +128,11 @@ class CrmStates:
         states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True)
         return states
 
-    def engine(self, name: str) -> Engine:
-        return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock,
-                      claim_seconds=self.claim_seconds)
+    def engine(self, name: str, *, context: Any = None) -> Engine:
+        """The machine's engine; its effects are given ``context`` (default: the CRM; the batch runner's
+        snapshot modes give a recorded lookup instead)."""
+        return Engine(machine(name), self.store, self.journal, context=self.crm if context is None else context,
+                      clock=self.clock, claim_seconds=self.claim_seconds)
 
     # --- reads: the stable public read API (a read never writes) -----------------------------------
     def position(self, profile_id: int, machine_name: str) -> Position | None:

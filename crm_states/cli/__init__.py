@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "not finished, claim id ranges with expiring leases, and drive each range "
                                           "through the nb_profile_validation machine with one batched CRM lookup. "
                                           "Safe to run several at once and to kill at any time: run it again to "
-                                          "resume. CRM: needs CRM_TYPE=SALESFORCE and Sefaria's Salesforce settings "
-                                          "(--dry-run needs none).")
+                                          "resume. --snapshot answers from one Bulk API query job instead of a "
+                                          "lookup per range, --from-export from the operators' export file. CRM: "
+                                          "needs CRM_TYPE=SALESFORCE and Sefaria's Salesforce settings (--dry-run "
+                                          "and --from-export need none).")
     add_common(validate)
     validate.add_argument("--chunk-size", type=at_most(100_000), default=1000,
                           help="profiles per range (default 1000, at most 100,000)")
@@ -77,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(one API call each while the ids fit one URL)")
     validate.add_argument("--lease-seconds", type=seconds, default=300.0,
                           help="how long a range lease lasts (default 300; above 0, at most a week)")
+    modes = validate.add_mutually_exclusive_group()
+    modes.add_argument("--snapshot", action="store_true",
+                       help="answer from one Bulk API 2.0 query job of every App User with a NationBuilder id, "
+                            "loaded into the database first (reused by a later run while Salesforce keeps it); "
+                            "the job, its polls and its result pages are the only API requests")
+    modes.add_argument("--from-export", metavar="FILE.csv",
+                       help="answer from the Salesforce report the operators export (CSV); no API request, no CRM "
+                            "needed; each history names the file and its lines")
+    validate.add_argument("--page-records", type=at_most(1_000_000), default=50_000,
+                          help="with --snapshot: rows per results page, one API request each (default 50,000)")
     validate.set_defaults(func=cmd_validate_nb)
 
     signup_cmd = sub.add_parser("signup", help="run the new-user signup machine for one user",

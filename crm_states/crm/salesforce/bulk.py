@@ -58,8 +58,9 @@ class BulkPage:
     """One page of a job's results: its rows (CSV header -> text, ``""`` for null), the locator that
     fetched it (``None`` for the first) and the one for the next (``None`` after the last), and a
     ``(row number, detail)`` for each row refused. ``rejected_values`` holds, for each refused row in the
-    same order, the values of its other columns that pass the size check (never its ``Id``; nothing when
-    the row has the wrong width), so a caller can file the refusal under the row's key."""
+    same order, the values of its columns that pass the checks (its ``Id`` only when that is a valid id;
+    nothing when the row has the wrong width), so a caller can file the refusal under the row's key, or see
+    that it concerned a column it does not need."""
 
     job_id: str
     locator: str | None
@@ -89,7 +90,11 @@ class BulkQueries:
         return job
 
     def status(self, job_id: str) -> BulkJob:
-        return self._job(json_object(self._call("GET", job_id, "")))
+        """One poll; the job's ``errorMessage`` comes back redacted and shortened, fit for a detail."""
+        job = self._job(json_object(self._call("GET", job_id, "")))
+        if job.error_message:
+            job = attrs.evolve(job, error_message=short(self.http.redact(job.error_message), 300))
+        return job
 
     def wait(self, job_id: str, *, timeout: float = 3600.0) -> BulkJob:
         """Poll until the job completes. Time counts on the wall clock or as the waits asked of
@@ -189,7 +194,7 @@ def _parse(content: bytes, key_prefix: str | None) -> tuple[list[dict[str, str]]
                 rejected.append((number, problem))
                 kept.append({} if len(values) != width else
                             {c: v for i, (c, v) in enumerate(zip(header, values))
-                             if i != id_column and not size_problem(v, c)})
+                             if not (size_problem(v, c) if i != id_column else record_id_problem(v, key_prefix))})
             else:
                 rows.append(dict(zip(header, values)))
     except csv.Error as exc:  # a field past the csv module's limit, a stray quote: the page is unusable
