@@ -158,7 +158,7 @@ class SalesforceExport:
                 return ExportProblem(line, problem, nationbuilder_id, valid_app_user)
             ids[name] = value
         if ids[CONTACT_ID] is None and ids[APP_USER_ID] is None:
-            return ExportProblem(line, f"neither a {CONTACT_ID} nor a {APP_USER_ID}", nationbuilder_id)
+            return ExportProblem(line, f"neither a {CONTACT_ID} nor a {APP_USER_ID}")  # no record: no key
         return ExportRow(line, nationbuilder_id, ids[CONTACT_ID], ids[APP_USER_ID], cell[EMAIL] or None,
                          cell[SUSTAINER].casefold() == "active")
 

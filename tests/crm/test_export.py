@@ -120,9 +120,10 @@ def test_bad_lines_are_reported_by_number_without_stopping(tmp_path):
     assert "neither" in problems[9] and "fewer than the header" in problems[10]
     assert "not valid CSV" in problems[12] and "not UTF-8" in problems[13]
     # A refused line still names its NationBuilder id when that cell was readable, so the refusal can be
-    # filed under the profile it concerns; never when the id itself is the problem or the line is unreadable.
+    # filed under the profile it concerns; never when the id itself is the problem, the line names no record or
+    # cannot be read.
     keys = {i.line: i.nationbuilder_id for i in items if isinstance(i, ExportProblem)}
-    assert keys == {3: 123, 4: 123, 5: 123, 6: None, 7: None, 8: None, 9: 123, 10: None, 12: None, 13: 123, 14: None}
+    assert keys == {3: 123, 4: 123, 5: 123, 6: None, 7: None, 8: None, 9: None, 10: None, 12: None, 13: 123, 14: None}
     # ... and its App User id when that cell is a valid id (the problem lies in another column).
     app_users = {i.line for i in items if isinstance(i, ExportProblem) and i.app_user_id == APP_USER}
     assert app_users == {3, 5, 6, 7, 8, 13}
