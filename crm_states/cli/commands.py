@@ -83,6 +83,11 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
 
 
 def cmd_signup(args: argparse.Namespace) -> int:
+    from .sweep_command import check_signup_flags, cmd_signup_pending
+
+    check_signup_flags(args)
+    if args.pending:
+        return cmd_signup_pending(args)
     crm = command_crm("signup", WRITERS)
     with database(args) as db:
         result = open_states(db, args, crm).run_signup(args.user_id, email=args.email, first_name=args.first_name,
