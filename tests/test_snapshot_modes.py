@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager
@@ -249,3 +251,16 @@ def test_export_load_resumes_by_line_and_reuses_the_same_content(db, fake, tmp_p
     assert report.snapshot["rows"] == lines and db[SNAPSHOTS].count_documents({}) == 1
     assert Counter(states_by_profile(db, nb.NAME).values()) == Counter(EXPECTED[kind_of(p)] for p in range(1, 61))
     assert json.loads(json.dumps(report.snapshot, default=str))["source"] == "export"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keys=st.lists(st.integers(1, 5000), max_size=300), asked=st.lists(st.integers(1, 5100), max_size=200))
+def test_a_snapshot_is_read_in_ranges_and_one_in_and_finds_exactly_the_rows_asked(db, keys, asked) -> None:
+    snapshots = Snapshots(db)
+    record = snapshots.begin_loading(snapshots.create(f"t:{len(keys)}:{hash(tuple(keys))}", "t", "bulk",
+                                                      f"crm_snapshot_t{abs(hash(tuple(keys)))}"))
+    rows = [{"nb": k, "id": f"id{n}"} for n, k in enumerate(keys)]
+    record = snapshots.write_page(record, rows, seen=len(rows), locator=None)
+    found = sorted((r["nb"], r["id"]) for r in snapshots.rows_for(record, asked))
+    assert found == sorted((r["nb"], r["id"]) for r in rows if r["nb"] in set(asked))
+    db.drop_collection(record.table)

@@ -69,7 +69,8 @@ def summary_lines(report: RunnerReport) -> list[str]:
                  f"{job or '(none started)'}{' (reused)' if snapshot.get('reused') else ''}"]
         what = "App Users"
     if "rows" in snapshot:
-        lines.append(f"  snapshot {snapshot['state']}: {snapshot['rows']} {what} read ({snapshot['pages']} pages), "
+        pages = f"{snapshot['pages']} page{'' if snapshot['pages'] == 1 else 's'}"
+        lines.append(f"  snapshot {snapshot['state']}: {snapshot['rows']} {what} read in {pages}, "
                      f"{snapshot['keyed']} with a NationBuilder id, {snapshot['refused']} refused")
     if snapshot.get("state") == "failed":
         lines.append(f"  the snapshot failed: {snapshot.get('error')}; its profiles were recorded as "
