@@ -40,6 +40,7 @@ from .engine import RunResult
 from .leases import LEASES, RangeLeases
 from .progress import Progress, RunnerReport
 from .records import Position
+from .spec import Halt
 from .store.documents import position_from_doc
 
 __all__ = ["ValidationRunner", "RunnerConfig", "RunnerReport", "Progress", "PROJECTION", "NB_FILTER", "pending_ids",
@@ -86,10 +87,16 @@ class LookupStrategy:
 
     def __init__(self, app: CrmStates) -> None:
         self.app = app
+        self.budget: BudgetedLookups | None = None
 
     def context(self) -> Any:
-        """What the machine's lookup effect is given: the CRM."""
-        return self.app.crm
+        """What the machine's lookup effect is given: the CRM, behind ``--max-api-calls`` when one is set."""
+        return self.app.crm if self.budget is None else self.budget
+
+    def limit(self, max_api_calls: int | None) -> None:
+        """Hold every lookup to ``max_api_calls`` API requests in all (``BudgetedLookups``)."""
+        self.budget = None if max_api_calls is None else BudgetedLookups(self.app.crm, max_api_calls,
+                                                                          self.api_requests)
 
     def prepare(self, runner: ValidationRunner, report: RunnerReport) -> bool:
         """Work before the ranges; False stops the run (``report.stopped`` says why)."""
@@ -102,6 +109,39 @@ class LookupStrategy:
         """The API requests the CRM client has sent so far, as the CRM counts them."""
         counted = getattr(self.app.crm, "api_requests", None)
         return counted if isinstance(counted, int) else 0
+
+
+class BudgetedLookups:
+    """The CRM, with every batched lookup held to a budget of API requests: a lookup goes out only when the
+    requests spent, plus those the lookups in flight may still spend, leave room for what one lookup has
+    cost so far (one request, more where answers had further pages); else it halts its batch, whose
+    profiles stay pending. Concurrent ranges decide one at a time, so together they never pass it."""
+
+    def __init__(self, crm: Any, limit: int, spent: Callable[[], int]) -> None:
+        self.crm = crm
+        self.limit = limit
+        self.spent = spent
+        self._lock = threading.Lock()
+        self._at_start = spent()
+        self._reserved = 0
+        self._done = 0
+
+    def lookup_app_users_by_nationbuilder_ids(self, ids: Any) -> Any:
+        with self._lock:
+            spent = self.spent() - self._at_start
+            cost = max(1, -(-spent // self._done) if self._done else 1)
+            if spent + self._reserved + cost > self.limit:
+                raise Halt(f"--max-api-calls {self.limit} reached")
+            self._reserved += cost
+        try:
+            return self.crm.lookup_app_users_by_nationbuilder_ids(ids)
+        finally:
+            with self._lock:
+                self._reserved -= cost
+                self._done += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.crm, name)
 
 
 def pending_ids(app: CrmStates, *, after: int | None = None, batch_size: int = 1000) -> Iterator[int]:
@@ -146,6 +186,8 @@ class ValidationRunner:
         self.app = app
         self.config = config
         self.lookup = lookup or LookupStrategy(app)
+        if not config.dry_run and self.lookup.range_requests:
+            self.lookup.limit(config.max_api_calls)
         self.profiles = app.store.profiles
         self.leases = RangeLeases(app.store.db[LEASES], nb.NAME, seconds=config.lease_seconds)
         self.make_progress = progress or (lambda total: Progress(total))
@@ -318,7 +360,7 @@ class ValidationRunner:
     def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
         metrics.runner_results(nb.NAME, results)
         with self._lock:
-            report.lookups += 1
+            report.lookups += any(r.outcome != "halted" for r in results)  # a halted batch asked nothing
             done = report.add(results)
             if report.stopped:
                 self._stop.set()
@@ -330,13 +372,11 @@ class ValidationRunner:
         return self.lookup.api_requests() - self._api_at_start
 
     def _within_api_budget(self, report: RunnerReport, reserved: int) -> bool:
-        """Room for one more range's lookup, counting the ranges still in flight at what a lookup has cost
-        so far (one request, more when its answer had further pages)."""
+        """Whether another range is worth claiming: requests are left. Each lookup itself is held to the
+        budget exactly, counting those in flight (``BudgetedLookups``): a range past it halts untouched."""
         if self.config.max_api_calls is None or not self.lookup.range_requests:
             return True
-        spent = self.spent()
-        per_lookup = max(self.lookup.range_requests, -(-spent // report.lookups) if report.lookups else 0)
-        if spent + (reserved + 1) * per_lookup > self.config.max_api_calls:
+        if self.spent() >= self.config.max_api_calls:
             report.stopped = f"--max-api-calls {self.config.max_api_calls} reached"
             return False
         return True

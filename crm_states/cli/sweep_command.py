@@ -65,6 +65,8 @@ def summary_lines(report: SweepReport, source: str) -> list[str]:
         found += f", {report.recent} moved in the last --older-than seconds (left to their signup)"
     if report.dry_run:
         return [found, f"{report.pending} users would be signed up (dry run: nothing claimed, sent or written)"]
+    if not report.pending:
+        return [found, "nothing to sign up"]
     signed = report.counts.states["WroteSalesforceAppUserUid"]
     batches = f"{report.batches} batch{'' if report.batches == 1 else 'es'}"
     return [found, f"{signed} of the {report.pending} users found{' so far' if report.stopped else ''} signed up in "
