@@ -28,6 +28,7 @@ from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
 from .api import CrmStates
+from .crm.errors import CrmError
 from .progress import RunnerReport
 from .records import Position
 from .users import User, UserSource, Window, lang_of, source_from_env
@@ -75,7 +76,7 @@ def sweep_signups(app: CrmStates, *, source: UserSource | None = None, window: W
         window = attrs.evolve(window, joined_before=cutoff)
     report = SweepReport(window=window, dry_run=dry_run)
     users = (source or source_from_env())(window, app=app)
-    at_start = _api_requests(app)
+    at_start = 0 if dry_run else _api_requests(app)  # a dry run asks the CRM nothing, not even its count
     batch: list[tuple[User, Mapping[str, Any], Position]] = []
     try:
         for pending in _pending(app, users, report, cutoff):
@@ -92,7 +93,7 @@ def sweep_signups(app: CrmStates, *, source: UserSource | None = None, window: W
         if batch and not dry_run and not report.stopped:
             _drive(app, batch, report, max_api_calls, at_start)
     finally:
-        report.api_requests = _api_requests(app) - at_start
+        report.api_requests = 0 if dry_run else _api_requests(app) - at_start
         report.seconds = time.monotonic() - started
     return report
 
@@ -166,7 +167,7 @@ def _chunks(items: Iterator[User], size: int) -> Iterator[list[User]]:
 def _api_requests(app: CrmStates) -> int:
     try:
         counted = getattr(app.crm, "api_requests", None)
-    except Exception:  # a CRM that is not configured has sent nothing
+    except CrmError:  # a CRM that is not configured, or does not count: it has sent nothing we can count
         return 0
     return counted if isinstance(counted, int) else 0
 

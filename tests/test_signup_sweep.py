@@ -206,8 +206,10 @@ def test_the_command_prints_what_the_database_holds(db, mongo_url, fake, tmp_pat
     for wrong in (["--pending", "--email", "x@example.org"], ["--user-id", "3", "--older-than", "60"], []):
         refused = cli(*wrong)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    env["CRM_TYPE"] = ""  # a dry run needs no CRM
     dry = cli("--pending", "--dry-run")
     assert dry.returncode == 0 and "250 users would be signed up" in dry.stdout and fake.total_requests == 0
+    env["CRM_TYPE"] = "SALESFORCE"
     stopped = cli("--pending", "--max-api-calls", "3")
     assert stopped.returncode == 4 and "stopped: --max-api-calls 3 reached (2 API requests spent)" in stopped.stdout
     assert "200 of the 250 users found so far signed up" in stopped.stdout
