@@ -113,32 +113,37 @@ class LookupStrategy:
 
 class BudgetedLookups:
     """The CRM, with every batched lookup held to a budget of API requests: a lookup goes out only when the
-    requests spent, plus those the lookups in flight may still spend, leave room for what one lookup has
-    cost so far (one request, more where answers had further pages); else it halts its batch, whose
-    profiles stay pending. Concurrent ranges decide one at a time, so together they never pass it."""
+    requests spent, plus what the lookups in flight were allowed, leave room for what one lookup has cost so
+    far (one request, more where answers had further pages). Without room it waits for the lookups in flight
+    (their requests then all counted), and halts its batch, whose profiles stay pending, when none is left."""
 
     def __init__(self, crm: Any, limit: int, spent: Callable[[], int]) -> None:
         self.crm = crm
         self.limit = limit
         self.spent = spent
-        self._lock = threading.Lock()
+        self._turn = threading.Condition()
         self._at_start = spent()
         self._reserved = 0
         self._done = 0
 
     def lookup_app_users_by_nationbuilder_ids(self, ids: Any) -> Any:
-        with self._lock:
-            spent = self.spent() - self._at_start
-            cost = max(1, -(-spent // self._done) if self._done else 1)
-            if spent + self._reserved + cost > self.limit:
-                raise Halt(f"--max-api-calls {self.limit} reached")
+        with self._turn:
+            while True:
+                spent = self.spent() - self._at_start
+                cost = max(1, -(-spent // self._done) if self._done else 1)
+                if spent + self._reserved + cost <= self.limit:
+                    break
+                if not self._reserved:
+                    raise Halt(f"--max-api-calls {self.limit} reached")
+                self._turn.wait()
             self._reserved += cost
         try:
             return self.crm.lookup_app_users_by_nationbuilder_ids(ids)
         finally:
-            with self._lock:
+            with self._turn:
                 self._reserved -= cost
                 self._done += 1
+                self._turn.notify_all()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.crm, name)
@@ -186,8 +191,6 @@ class ValidationRunner:
         self.app = app
         self.config = config
         self.lookup = lookup or LookupStrategy(app)
-        if not config.dry_run and self.lookup.range_requests:
-            self.lookup.limit(config.max_api_calls)
         self.profiles = app.store.profiles
         self.leases = RangeLeases(app.store.db[LEASES], nb.NAME, seconds=config.lease_seconds)
         self.make_progress = progress or (lambda total: Progress(total))
@@ -206,6 +209,8 @@ class ValidationRunner:
             report.stopped = "dry run: nothing was claimed, sent or written"
             return report
         self._api_at_start = self.lookup.api_requests()
+        if self.lookup.range_requests:
+            self.lookup.limit(self.config.max_api_calls)
         try:
             if pending and not self.lookup.prepare(self, report):
                 return report
@@ -232,7 +237,7 @@ class ValidationRunner:
                     if self._stop.is_set() or budget == 0:
                         break
                     _reap(in_flight)
-                    if not self._within_api_budget(report, reserved=len(in_flight)):
+                    if not self._within_api_budget(report):
                         break
                     if not self._outlasting_outages(lambda: self.leases.claim(index)):
                         report.skipped_ranges += 1
@@ -346,7 +351,7 @@ class ValidationRunner:
         candidates = [p for p in self.profiles.find({**NB_FILTER, **where}, PROJECTION).sort("id", 1)
                       if isinstance(p.get("id"), int) and not isinstance(p["id"], bool)]
         bounds = where.get("id")
-        if isinstance(bounds, Mapping) and set(bounds) == {"$gte", "$lt"}:  # a range: one indexed range read (an $in costs per position found)
+        if isinstance(bounds, Mapping) and set(bounds) == {"$gte", "$lt"}:  # one range read: an $in costs per hit
             positions = self.app.store.positions_between(nb.NAME, bounds["$gte"], bounds["$lt"])
         else:
             positions = self.app.store.positions_of(nb.NAME, [p["id"] for p in candidates])
@@ -371,7 +376,7 @@ class ValidationRunner:
         """API requests this run has sent so far (the CRM client's own count)."""
         return self.lookup.api_requests() - self._api_at_start
 
-    def _within_api_budget(self, report: RunnerReport, reserved: int) -> bool:
+    def _within_api_budget(self, report: RunnerReport) -> bool:
         """Whether another range is worth claiming: requests are left. Each lookup itself is held to the
         budget exactly, counting those in flight (``BudgetedLookups``): a range past it halts untouched."""
         if self.config.max_api_calls is None or not self.lookup.range_requests:
