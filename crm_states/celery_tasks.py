@@ -115,8 +115,8 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
 def register_tasks(app: Celery, *, open_states: Callable[[], CrmStates] | None = None,
                    max_retries: int = DEFAULT_MAX_RETRIES, retry_backoff: int | None = None) -> CrmTasks:
     """Register the tasks above (``crm_states.run_signup``, ``validate_chunk``, ``sync_sustainers``, ``heal``,
-    ``signup_sweep``) on ``app`` (Sefaria's own app, or ``make_app()``). ``open_states`` gives the ``CrmStates`` a task uses
-    (default: ``shared_states``, from the environment). ``retry_backoff`` defaults to
+    ``signup_sweep``) on ``app`` (Sefaria's own app, or ``make_app()``). ``open_states`` gives the ``CrmStates``
+    a task uses (default: ``shared_states``, from the environment). ``retry_backoff`` defaults to
     ``CRM_STATES_RETRY_BACKOFF`` or 30 seconds.
 
     ``acks_late``: a worker that dies mid-task leaves the message to be delivered again, which is safe

@@ -106,8 +106,8 @@ def _pending(app: CrmStates, users: Iterator[User], report: SweepReport,
         ids = [user.id for user in chunk]
         positions = app.store.positions_of(signup.NAME, ids)
         validations = app.store.positions_of(nb.NAME, ids)
-        profiles = {p["id"]: p for p in app.store.profiles.find({"id": {"$in": ids}},
-                                                                {"_id": 0, "id": 1, "sf_app_user_id": 1, "settings": 1})}
+        fields = {"_id": 0, "id": 1, "sf_app_user_id": 1, "settings": 1}
+        profiles = {p["id"]: p for p in app.store.profiles.find({"id": {"$in": ids}}, fields)}
         for user in chunk:
             position = positions.get(user.id, Position())
             if not user.email:

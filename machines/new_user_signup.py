@@ -172,14 +172,15 @@ def _batch_outcomes(runs: list[Run], crm: CrmConnectionManager, *, look_up: bool
         try:
             valid.append((run, _valid_request(run)))
         except ValueError as exc:
-            decided[id(run)] = Outcome("UnexpectedResponse", {**_request(run), "error": f"invalid input, nothing sent: {exc}"})
+            decided[id(run)] = Outcome("UnexpectedResponse", {**_request(run),
+                                                               "error": f"invalid input, nothing sent: {exc}"})
     if look_up and valid:
         try:
             found = crm.lookup_app_users_by_emails([fields["email"] for _, fields in valid])
         except Exception as exc:  # nothing was sent; the daily limit or no CRM halts the batch
-            failure = crm_failure(exc)
-            return {**decided, **{id(run): Outcome("UnexpectedResponse", {**_request(run), **failure})
-                                  for run, _ in valid}}
+            failure = crm_failure(exc)  # a run taken over may have had its create sent by the old holder
+            return {**decided, **{id(run): Outcome("UnexpectedResponse", {
+                **_request(run), **failure, **({"outcome_unknown": True} if run.adopted else {})}) for run, _ in valid}}
         unmatched = []
         for run, fields in valid:
             matches = found.get(normalise_email(fields["email"]))
@@ -201,9 +202,10 @@ def _email_outcome(run: Run, matches: Matches) -> Outcome:
         return Outcome("OK", {**_request(run), "app_user_id": matches.single, "source": "adopted by email"})
     shown = ", ".join(matches.ids[:SHOWN_CANDIDATES])
     refused = f"; {len(matches.rejected)} records refused" if matches.rejected else ""
-    return Outcome("UnexpectedResponse", {**_request(run), "candidates": list(matches.ids[:SHOWN_CANDIDATES]), "error": (
-        f"{len(matches.ids)} App Users hold this email{': ' + shown if shown else ''}{refused}; none adopted, "
-        "nothing created")[:300]})
+    error = (f"{len(matches.ids)} App Users hold this email{': ' + shown if shown else ''}{refused}; none adopted, "
+             "nothing created")
+    return Outcome("UnexpectedResponse", {**_request(run), "candidates": list(matches.ids[:SHOWN_CANDIDATES]),
+                                          "error": error[:300]})
 
 
 def _create(sending: list[tuple[Run, dict[str, Any]]], crm: Any) -> dict[int, Outcome]:
@@ -249,7 +251,7 @@ def _record_outcome(run: Run, result: RecordResult) -> Outcome:
     if error.status_code == "INVALID_ANSWER":  # Salesforce said success with an id we refused: it may exist
         return _unknown(run, error.message)
     return Outcome("UnexpectedResponse", {**_request(run), "error": f"{error.status_code}: {error.message}"[:300],
-                                          "status": 400, "fields": list(error.fields)})
+                                          "fields": list(error.fields)})
 
 
 def _unknown(run: Run, why: str) -> Outcome:
