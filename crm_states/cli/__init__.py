@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                               "at most 64)")
     validate.add_argument("--limit", type=positive, help="stop after this many profiles")
     validate.add_argument("--dry-run", action="store_true", help="count pending profiles; claim, send, write nothing")
-    validate.add_argument("--max-api-calls", type=positive, help="make at most this many batched CRM lookups "
-                                                                  "(one API call each while the ids fit one URL)")
+    validate.add_argument("--max-api-calls", type=positive,
+                          help="send at most this many API requests, as Salesforce counts them (each query page, "
+                               "each try; with --snapshot the job, its polls and its result pages)")
     validate.add_argument("--lease-seconds", type=seconds, default=300.0,
                           help="how long a range lease lasts (default 300; above 0, at most a week)")
     modes = validate.add_mutually_exclusive_group()
