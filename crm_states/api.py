@@ -144,9 +144,11 @@ class CrmStates:
         states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True, env=settings)
         return states
 
-    def engine(self, name: str) -> Engine:
-        return Engine(machine(name), self.store, self.journal, context=self._context(name), clock=self.clock,
-                      claim_seconds=self.claim_seconds)
+    def engine(self, name: str, *, context: Any = None) -> Engine:
+        """The machine's engine; its effects are given ``context`` (default: the machine's own, ``_context``;
+        the batch runner's snapshot modes give a recorded lookup instead)."""
+        return Engine(machine(name), self.store, self.journal, context=self._context(name) if context is None
+                      else context, clock=self.clock, claim_seconds=self.claim_seconds)
 
     def _context(self, name: str) -> Any:
         """What a machine's effects are given: the CRM, and for the email reconciliation also a read of the

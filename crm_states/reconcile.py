@@ -34,7 +34,7 @@ from .protocols import States as CrmStates
 from .records import Position
 from .runner import RunnerConfig, ValidationRunner
 from .store.documents import position_from_doc
-from .users import UserSource, aware, default_users
+from .user_emails import UserSource, aware, default_users
 
 #: Profiles without a (truthy) nationbuilder_id: the App User id is checked in Python (placeholders).
 CANDIDATES = {reconcile.NB_FIELD: {"$in": [None, False, 0, ""]}}

@@ -17,7 +17,7 @@ from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import replay_file
 from crm_states.store import POSITIONS, Store
 from crm_states.testing import FakeSalesforce
-from crm_states.users import User
+from crm_states.user_emails import User
 from machines import new_user_signup as signup
 from machines import reconcile_by_email as reconcile
 from tests.faults import (

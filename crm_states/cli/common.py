@@ -4,6 +4,7 @@ embedded server), the CRM from the environment, argument types and the per-state
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -192,3 +193,13 @@ def seconds(text: str) -> float:
 
 def share(text: str) -> float:
     return _finite(text, "a share between 0 and 1", lambda v: 0.0 <= v <= 1.0)
+
+
+def when(text: str) -> dt.datetime:
+    """An ISO 8601 date or date and time (UTC unless it says otherwise), as an aware datetime."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 date such as 2026-01-31 or 2026-01-31T12:00, "
+                                         f"got {text[:40]!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
