@@ -146,7 +146,9 @@ class ReconcileRunner(ValidationRunner):
         return [profiles.get(pid) or {"id": pid} for pid, _ in chosen], items
 
     def _drive(self, profiles: list[dict[str, Any]], items: Mapping[int, Any]) -> list[RunResult]:  # type: ignore[override]
-        engine = self.app.engine(reconcile.NAME)
+        # The lookups go through the run's budget (``--max-api-calls``), as the validation's do.
+        context = reconcile.Context(self.lookup.context(), lambda ids: holders(self.app.store, ids))
+        engine = self.app.engine(reconcile.NAME, context=context)
         runs = [engine.prepare(p, items[p["id"]][0], restart=True, inputs={"email": items[p["id"]][1]})
                 for p in profiles]
         results = engine.drive(runs)

@@ -127,6 +127,12 @@ class BudgetedLookups:
         self._done = 0
 
     def lookup_app_users_by_nationbuilder_ids(self, ids: Any) -> Any:
+        return self._within_budget(self.crm.lookup_app_users_by_nationbuilder_ids, ids)
+
+    def lookup_app_users_by_emails(self, emails: Any) -> Any:
+        return self._within_budget(self.crm.lookup_app_users_by_emails, emails)
+
+    def _within_budget(self, lookup: Callable[[Any], Any], keys: Any) -> Any:
         with self._turn:
             while True:
                 spent = self.spent() - self._at_start
@@ -138,7 +144,7 @@ class BudgetedLookups:
                 self._turn.wait()
             self._reserved += cost
         try:
-            return self.crm.lookup_app_users_by_nationbuilder_ids(ids)
+            return lookup(keys)
         finally:
             with self._turn:
                 self._reserved -= cost

@@ -99,6 +99,13 @@ class LazyCrm:
                     raise
             return self._crm
 
+    @property
+    def api_requests(self) -> int:
+        """The requests the CRM has sent: none while it was never built (a command that asked it nothing
+        must not need one configured just to count)."""
+        counted = getattr(self._crm, "api_requests", 0) if self._crm is not None else 0
+        return counted if isinstance(counted, int) else 0
+
     def _note(self, exc: CrmConfigError) -> None:
         if self.refusal is None:
             self.refusal = exc
