@@ -1,320 +1,183 @@
-"""Throughput of NationBuilder-profile validation: the naive per-profile loop against ``crm-states validate-nb``.
+"""NationBuilder-profile validation at scale, on SecantusDB and a genuine mongod side by side, in one run.
 
-Setup: N profiles (``--profiles``, default 10,000) with a ``nationbuilder_id``; the odd-numbered half have an
-app user (``Sefaria_App_User__c`` with ``NationBuilder_Id__c`` as text) in a ``FakeSalesforce`` answering every
-request 150 ms late (``--latency``). MongoDB is a SecantusDB process started here on a temp dir (or
-``--mongo-url``). Two databases get identical profiles, so each side starts from a fresh state:
+For each server kind (``--servers``, default both): a fresh server process, a FakeSalesforce in this process
+answering every request ``--latency`` late (default 50 ms) with an App User for the odd-numbered half of N
+profiles (``--profiles``, default 100,000), and, each on a database of its own seeded with the same profiles:
 
-(a) naive, as the diagram literally reads: per profile one ``GET .../sobjects/Sefaria_App_User__c/
-    NationBuilder_Id__c/{id}`` (bearer token fetched once from the fake's token endpoint, not timed;
-    404 = not found) and one ``update_one`` (``$set sf_app_user_id`` or ``$push`` a CrmLog line),
-    sequentially. At 150 ms per profile this is timed over a sample (``--naive-sample``, default 200: the
-    first profiles, half of them found) and its rate is applied to N.
-(b) the runner: ``crm-states validate-nb`` as a subprocess (``python -m crm_states.cli``) configured by
-    ``MONGO_URL``, ``MONGO_DB``, ``CRM_TYPE=SALESFORCE``, ``SALESFORCE_*``; its wall time is taken from
-    spawn to exit (interpreter start-up and imports included).
+- **floor**: the database writes the runner makes for N profiles (``benchmarks/floor.py``: the guarded
+  profile write and the position upsert with its history, in bulks of ``--chunk-size``), with plain pymongo,
+  no engine, no CRM, no reads. The runner's time is printed as a ratio of it: the ratio to drive down.
+- **runner** per mode (``--modes``, default ``rest`` and, when the CLI has it, ``snapshot``): ``crm-states
+  validate-nb`` as a subprocess (spawn to exit), its API requests as Salesforce counts them (the fake's
+  api-usage counter: the OAuth token is not one), its peak RSS, the server's CPU seconds meanwhile; then
+  every profile is checked against the seeding.
+- **naive** (sampled on ``--naive-sample`` profiles): per profile one GET by external id and one
+  ``update_one``, sequentially, as the diagram literally reads; its rate is applied to N.
 
-Printed: profiles/s of both, the ratio (b)/(a), CRM requests per 10,000 profiles of (b) by kind, and the
-wall time of (b), each next to its target (ratio >= 100; <= 10 CRM requests per 10,000 profiles, counted
-as Salesforce counts API requests against the daily allocation: the fake's api-usage counter, which leaves
-out the OAuth token request, printed apart with every other HTTP request;
-100,000 profiles in <= 120 s, which applies to ``--profiles 100000``). Then (b) is verified: every profile
-must end in WroteSalesforceAppUserUid (with the app user id the fake made) or WroteNotFound (with a
-NbProfileNotFoundInSalesforce CrmLog line) as seeded, checked with a count per state. Timings are wall
-clock on whatever else the machine is doing. Always exits 0: it is a benchmark, not a test.
+Targets (issues 4, 10, 14): runner <= 1.5x the floor on mongod; 1,000,000 in <= 150 s on mongod; <= 100
+API requests per 1,000,000 by packed REST and <= 30 by snapshot; peak RSS <= 150 MB and flat in N
+(``benchmarks/memory.py``); runner/naive >= 100. Timings are wall clock on whatever else the machine does.
+Always exits 0: it is a benchmark, not a test.
 
-    python benchmarks/validate_throughput.py [--profiles N] [--naive-sample S] [--chunk-size C]
-        [--concurrency K] [--latency SECONDS] [--mongo-url URL]
+    python benchmarks/validate_throughput.py [--profiles N] [--servers secantus,mongod] [--modes rest,snapshot]
+        [--naive-sample S] [--latency SECONDS] [--chunk-size C] [--concurrency K]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import requests
-from pymongo import ASCENDING, MongoClient
-from pymongo.database import Database
+from bench_common import (
+    APP_USER,
+    KINDS,
+    NB_FIELD,
+    check_validated,
+    cli_env,
+    client_for,
+    nb_id,
+    run_cli,
+    seed_app_users,
+    seed_profiles,
+    server,
+    server_cpu_seconds,
+)
+from floor import run_floor
 
 from crm_states.records import crm_log_line
-from crm_states.runner import RunnerConfig, pending_filter
-from crm_states.store import state_field
-from crm_states.testing.mongo import MongoServer
 from crm_states.testing.salesforce import FakeSalesforce
-from machines import nb_profile_validation as nb
 
-TARGET_RATIO = 100.0
-TARGET_REQUESTS_PER_10K = 10.0
-TARGET_SECONDS_PER_100K = 120.0
 API = "/services/data/v60.0"
-APP_USER = "Sefaria_App_User__c"
-NB_FIELD = "NationBuilder_Id__c"
-SEED_BATCH = 5000
-STATE = f"{state_field(nb.NAME)}.state"
-FIRST = ["Sarah", "Moshe", "Aviva", "Yosef", "שרה", "יוסף", "D'Arcy", "Bartholomew-Alexander"]
-LAST = ["Cohen", "Levi", "O'Brien", "כהן", "Abramowitz-Rosenberg-Katz", "Mizrahi"]
 
 
-def nb_id(pid: int) -> int:
-    return 700_000 + pid
-
-
-def found(pid: int) -> bool:
-    """The seeded half: odd profile ids have an app user in Salesforce."""
-    return pid % 2 == 1
-
-
-def profile(pid: int) -> dict[str, Any]:
-    return {"id": pid, "slug": f"user-{pid}", "first_name": FIRST[pid % len(FIRST)], "last_name": LAST[pid % len(LAST)],
-            "email": f"user{pid}@example.org", "nationbuilder_id": nb_id(pid),
-            "date_joined": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=pid)}
-
-
-def batches(n: int, size: int) -> Iterator[list[dict[str, Any]]]:
-    for start in range(1, n + 1, size):
-        yield [profile(pid) for pid in range(start, min(n, start + size - 1) + 1)]
-
-
-def seed_profiles(dbs: Sequence[Database], n: int) -> None:
-    for db in dbs:
-        db.profiles.create_index([("id", ASCENDING)])  # Sefaria's profiles have it; the naive update uses it
-    for batch in batches(n, SEED_BATCH):
-        for db in dbs:
-            db.profiles.insert_many([dict(doc) for doc in batch], ordered=False)
-
-
-def seed_salesforce(fake: FakeSalesforce, n: int) -> dict[int, str]:
-    """App users for the found half; returns profile id -> app user id."""
-    pids = [pid for pid in range(1, n + 1) if found(pid)]
-    ids = fake.insert_many(APP_USER, ({NB_FIELD: str(nb_id(pid)), "Sefaria_App_Email__c": f"user{pid}@example.org"}
-                                      for pid in pids))
-    return dict(zip(pids, ids))
-
-
-# -- (a) naive ----------------------------------------------------------------------------------------
-
-def naive(db: Database, fake: FakeSalesforce, pids: Sequence[int]) -> tuple[float, Counter[str]]:
-    """``pids`` is a contiguous id range, read with one query. Per profile one GET by external id and one update_one, sequentially. Returns (seconds, outcomes)."""
+def naive(db: Any, fake: FakeSalesforce, sample: int) -> float:
+    """Profiles per second of the per-profile loop over profiles 1..sample (a token fetched first, untimed)."""
     session = requests.Session()
     session.trust_env = False
-    token = session.post(f"{fake.url}/services/oauth2/token", data={"grant_type": "client_credentials"},
-                         auth=(fake.client_id, fake.client_secret), timeout=30)
-    token.raise_for_status()
-    body = token.json()
-    instance, bearer = body["instance_url"].rstrip("/"), body["access_token"]
-    headers = {"Authorization": f"Bearer {bearer}", "Accept": "application/json"}
-    outcomes: Counter[str] = Counter()
+    body = session.post(f"{fake.url}/services/oauth2/token", data={"grant_type": "client_credentials"},
+                        auth=(fake.client_id, fake.client_secret), timeout=30).json()
+    headers = {"Authorization": f"Bearer {body['access_token']}", "Accept": "application/json"}
     started = time.perf_counter()
-    cursor = db.profiles.find({"id": {"$gte": pids[0], "$lte": pids[-1]}}, {"_id": 0, "id": 1, "nationbuilder_id": 1})
-    for doc in list(cursor.sort("id", 1)):
-        pid = doc["id"]
-        response = session.get(f"{instance}{API}/sobjects/{APP_USER}/{NB_FIELD}/{doc['nationbuilder_id']}",
-                               headers=headers, timeout=30)
+    for doc in list(db.profiles.find({"id": {"$lte": sample}}, {"_id": 0, "id": 1, "nationbuilder_id": 1}).sort("id", 1)):
+        answer = session.get(f"{body['instance_url']}{API}/sobjects/{APP_USER}/{NB_FIELD}/{doc['nationbuilder_id']}",
+                             headers=headers, timeout=30)
         now = dt.datetime.now(dt.timezone.utc)
-        if response.status_code == 200:
-            db.profiles.update_one({"id": pid}, {"$set": {"sf_app_user_id": response.json()["Id"]}})
-            outcomes["found"] += 1
-        elif response.status_code == 404:
-            db.profiles.update_one({"id": pid}, {"$push": {"CrmLog": crm_log_line("NbProfileNotFoundInSalesforce", now)}})
-            outcomes["not found"] += 1
+        if answer.status_code == 200:
+            db.profiles.update_one({"id": doc["id"]}, {"$set": {"sf_app_user_id": answer.json()["Id"]}})
         else:
-            db.profiles.update_one({"id": pid}, {"$push": {"CrmLog": crm_log_line(
-                "NbProfileUnexpectedRes", now, f"HTTP {response.status_code}")}})
-            outcomes[f"HTTP {response.status_code}"] += 1
-    seconds = time.perf_counter() - started
-    session.close()
-    return seconds, outcomes
+            db.profiles.update_one({"id": doc["id"]}, {"$push": {"CrmLog": crm_log_line(
+                "NbProfileNotFoundInSalesforce", now)}})
+    return sample / (time.perf_counter() - started)
 
 
-def check_naive(db: Database, pids: Sequence[int], app_users: dict[int, str]) -> list[str]:
-    wrong = []
-    for doc in db.profiles.find({"id": {"$in": list(pids)}}, {"_id": 0, "id": 1, "sf_app_user_id": 1, "CrmLog": 1}):
-        pid = doc["id"]
-        if found(pid) and doc.get("sf_app_user_id") != app_users[pid]:
-            wrong.append(f"profile {pid}: sf_app_user_id {doc.get('sf_app_user_id')!r}, expected {app_users[pid]}")
-        if not found(pid) and not any(str(x).startswith("NbProfileNotFoundInSalesforce-") for x in doc.get("CrmLog", [])):
-            wrong.append(f"profile {pid}: no NbProfileNotFoundInSalesforce line in CrmLog")
-    return wrong
+def cli_modes() -> set[str]:
+    """The lookup modes this checkout's ``validate-nb`` has."""
+    helped = subprocess.run([sys.executable, "-m", "crm_states.cli", "validate-nb", "--help"], capture_output=True,
+                            text=True).stdout
+    return {"rest"} | ({"snapshot"} if "--snapshot" in helped else set())
 
 
-# -- (b) the runner -----------------------------------------------------------------------------------
+def one_server(kind: str, args: argparse.Namespace, modes: list[str], work: Path) -> dict[str, Any]:
+    n, figures = args.profiles, {}
+    with server(kind, work) as db_server, FakeSalesforce(latency=args.latency) as fake:
+        client = client_for(db_server.url)
+        app_users = seed_app_users(fake, n)
+        stamp = uuid.uuid4().hex[:6]
+        floor_db = client[f"floor_{stamp}"]
+        figures["seed_s"] = seed_profiles(floor_db, n)
+        floor_ids = list(range(1, n + 1))
+        cpu = server_cpu_seconds(db_server.process)
+        figures["floor_s"] = run_floor(floor_db, floor_ids, args.chunk_size, nb_id,
+                                       lambda pid: app_users.get(pid))
+        figures["floor_server_cpu_s"] = server_cpu_seconds(db_server.process) - cpu
+        client.drop_database(floor_db.name)
+        for mode in modes:
+            db = client[f"runner_{mode}_{stamp}"]
+            seed_profiles(db, n)
+            flags = ["--snapshot"] if mode == "snapshot" else []
+            usage, cpu = fake.api_usage, server_cpu_seconds(db_server.process)
+            fake.reset_counts()
+            run = run_cli(["validate-nb", "--chunk-size", str(args.chunk_size), "--concurrency", str(args.concurrency),
+                           *flags], cli_env(db_server.url, db.name, fake, work))
+            states, wrong = check_validated(db, n, app_users)
+            figures[mode] = {"s": run.seconds, "exit": run.done.returncode, "api": fake.api_usage - usage,
+                             "requests": dict(fake.counts), "rss_mb": run.peak_mb,
+                             "server_cpu_s": server_cpu_seconds(db_server.process) - cpu,
+                             "states": dict(states), "wrong": wrong[:3], "wrong_n": len(wrong),
+                             "said": run.done.stdout.strip().splitlines()[:1],
+                             "stderr": run.done.stderr.strip().splitlines()[-3:] if run.done.returncode else []}
+            client.drop_database(db.name)
+        naive_db = client[f"naive_{stamp}"]
+        seed_profiles(naive_db, min(n, args.naive_sample))
+        figures["naive_rate"] = naive(naive_db, fake, min(n, args.naive_sample))
+        client.drop_database(naive_db.name)
+        client.close()
+    return figures
 
-def run_runner(url: str, db_name: str, fake: FakeSalesforce, work: Path, chunk_size: int,
-               concurrency: int) -> tuple[float, subprocess.CompletedProcess[str]]:
-    env = {**os.environ, "MONGO_URL": url, "MONGO_DB": db_name, "CRM_TYPE": "SALESFORCE",
-           "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
-           "SALESFORCE_CLIENT_SECRET": fake.client_secret, "CRM_STATES_JOURNAL": str(work / "journal.jsonl")}
-    env.pop("SALESFORCE_API_VERSION", None)
-    command = [sys.executable, "-m", "crm_states.cli", "validate-nb", "--chunk-size", str(chunk_size),
-               "--concurrency", str(concurrency), "--data-dir", str(work / "cli")]
-    started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    return time.perf_counter() - started, done
 
+def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[str, Any]]) -> None:
+    n, kinds = args.profiles, list(results)
+    width = 22
 
-def check_runner(db: Database, n: int, app_users: dict[int, str]) -> tuple[Counter[str], list[str]]:
-    """Count per state, and every profile's end state and written data against the seeding."""
-    states: Counter[str] = Counter()
-    wrong: list[str] = []
-    seen = 0
-    projection = {"_id": 0, "id": 1, "sf_app_user_id": 1, "CrmLog": 1, STATE: 1}
-    for doc in db.profiles.find({}, projection).batch_size(5000):
-        seen += 1
-        pid = doc["id"]
-        state = ((doc.get("crm_state") or {}).get(nb.NAME) or {}).get("state") or "(not started)"
-        states[state] += 1
-        if found(pid):
-            if state != "WroteSalesforceAppUserUid" or doc.get("sf_app_user_id") != app_users[pid]:
-                wrong.append(f"profile {pid}: {state}, sf_app_user_id {doc.get('sf_app_user_id')!r}, "
-                             f"expected WroteSalesforceAppUserUid with {app_users[pid]}")
-        elif state != "WroteNotFound" or not any(
-                str(x).startswith("NbProfileNotFoundInSalesforce-") for x in doc.get("CrmLog", [])):
-            wrong.append(f"profile {pid}: {state}, CrmLog {doc.get('CrmLog')!r}, expected WroteNotFound")
-    if seen != n:
-        wrong.append(f"{seen} profiles in the database, expected {n}")
-    return states, wrong
+    def row(label: str, cells: list[str]) -> None:
+        print(f"{label:<44}" + "".join(f"{c:>{width}}" for c in cells))
 
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    print()
+    row(f"{n:,} profiles, chunks of {args.chunk_size}, concurrency {args.concurrency}", kinds)
+    row("seeding the profiles (insert_many)", [f"{results[k]['seed_s']:.1f} s" for k in kinds])
+    row("floor: the runner's writes, plain pymongo", [f"{results[k]['floor_s']:.1f} s ({n / results[k]['floor_s']:,.0f}/s)"
+                                                     for k in kinds])
+    row("  server CPU during the floor", [f"{results[k]['floor_server_cpu_s']:.1f} s" for k in kinds])
+    for mode in modes:
+        runs = {k: results[k][mode] for k in kinds}
+        row(f"runner, {mode}: crm-states validate-nb", [f"{r['s']:.1f} s ({n / r['s']:,.0f}/s)" for r in runs.values()])
+        row("  ratio to the floor (target <= 1.5 on mongod)", [f"{r['s'] / results[k]['floor_s']:.2f}"
+                                                                for k, r in runs.items()])
+        row("  API requests (per 1,000,000)", [f"{r['api']} ({r['api'] * 1_000_000 / n:,.0f})" for r in runs.values()])
+        row("  peak RSS of the runner", [f"{r['rss_mb']:.1f} MB" for r in runs.values()])
+        row("  server CPU meanwhile", [f"{r['server_cpu_s']:.1f} s" for r in runs.values()])
+        row("  check: every profile as seeded", ["yes" if not r["wrong_n"] and r["exit"] == 0 else
+                                                  f"NO ({r['wrong_n']}, exit {r['exit']})" for r in runs.values()])
+        row("  ratio to the naive loop (target >= 100)", [f"{n / r['s'] / results[k]['naive_rate']:.0f}"
+                                                          for k, r in runs.items()])
+    row(f"naive loop, timed on {min(n, args.naive_sample)} profiles", [f"{results[k]['naive_rate']:.2f}/s" for k in kinds])
+    for k in kinds:
+        for mode in modes:
+            r = results[k][mode]
+            if r["wrong_n"] or r["exit"]:
+                print(f"{k} {mode}: said {r['said']}, stderr {r['stderr']}, e.g. {r['wrong']}")
+    print(f"\n(latency of the fake: {args.latency * 1000:.0f} ms per request; wall clock on a shared 2-core machine)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profiles", type=int, default=10_000, help="profiles to validate (default 10000)")
-    parser.add_argument("--naive-sample", type=int, default=200,
-                        help="profiles the naive loop is timed on (default 200)")
-    parser.add_argument("--chunk-size", type=int, default=RunnerConfig().chunk_size,
-                        help=f"passed to validate-nb (default {RunnerConfig().chunk_size}, the runner's)")
-    parser.add_argument("--concurrency", type=int, default=RunnerConfig().concurrency,
-                        help=f"passed to validate-nb (default {RunnerConfig().concurrency}, the runner's)")
-    parser.add_argument("--latency", type=float, default=0.150, help="fake Salesforce latency per request (s)")
-    parser.add_argument("--mongo-url", help="use this MongoDB instead of starting SecantusDB")
+    parser.add_argument("--profiles", type=int, default=100_000)
+    parser.add_argument("--servers", default=",".join(KINDS), help="comma-separated: secantus, mongod")
+    parser.add_argument("--modes", default=None, help="comma-separated: rest, snapshot (default: all the CLI has)")
+    parser.add_argument("--naive-sample", type=int, default=40)
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--chunk-size", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop through the finally blocks
-    n = max(2, args.profiles)
-    sample = max(2, min(args.naive_sample, n))
-
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # through the finally blocks
+    available = cli_modes()
+    modes = [m for m in (args.modes.split(",") if args.modes else ["rest", "snapshot"]) if m in available]
+    results = {}
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as tmp:
-        work = Path(tmp)
-        server = None
-        if args.mongo_url:
-            url, where = args.mongo_url, f"MongoDB at {args.mongo_url}"
-        else:
-            server = MongoServer(work / "db", log_path=work / "secantusd.log").start()
-            url, where = server.url, f"SecantusDB started by this benchmark (data under {work / 'db'})"
-        client: MongoClient = MongoClient(url)
-        stamp = uuid.uuid4().hex[:8]
-        names = (f"bench_validate_naive_{stamp}", f"bench_validate_runner_{stamp}")
-        db_naive, db_runner = client[names[0]], client[names[1]]
-        fake = FakeSalesforce(latency=args.latency).start()
-        try:
-            t0 = time.perf_counter()
-            seed_profiles([db_naive, db_runner], n)
-            app_users = seed_salesforce(fake, n)
-            seeded = time.perf_counter() - t0
-
-            print(f"profiles: {n} with a nationbuilder_id, {len(app_users)} of them app users in FakeSalesforce "
-                  f"(latency {args.latency * 1000:.0f} ms per request)")
-            print(f"database: {where}; two databases with identical profiles (seeded in {seeded:.1f}s)")
-            print("timings: wall clock on a shared 2-core machine (other work may run meanwhile)")
-            print()
-
-            # (a) naive
-            pids = list(range(1, sample + 1))
-            fake.reset_counts()
-            naive_s, naive_outcomes = naive(db_naive, fake, pids)
-            naive_counts = dict(fake.counts)
-            naive_rate = sample / naive_s
-            naive_wrong = check_naive(db_naive, pids, app_users)
-            print(f"(a) naive: per profile one GET by external id + one update_one, sequential")
-            print(f"    timed on a SAMPLE of {sample} of the {n} profiles (the first {sample}; "
-                  f"{naive_outcomes['found']} found, {naive_outcomes['not found']} not found"
-                  + "".join(f", {v} {k}" for k, v in naive_outcomes.items() if k not in ("found", "not found"))
-                  + "); token fetched once, before timing")
-            print(f"    {naive_s:.1f}s for {sample} profiles = {naive_rate:.2f} profiles/s "
-                  f"({naive_s / sample * 1000:.0f} ms/profile); all {n} would take ~{n / naive_rate:.0f}s")
-            print(f"    CRM requests: {', '.join(f'{k} {v}' for k, v in sorted(naive_counts.items()))} "
-                  f"(= {10_000:,} per 10,000 profiles, plus tokens)")
-            print(f"    check: {'every sampled profile written as seeded' if not naive_wrong else f'{len(naive_wrong)} WRONG: ' + '; '.join(naive_wrong[:5])}")
-            print()
-
-            # (b) the runner
-            fake.reset_counts()
-            usage_before = fake.api_usage
-            wall, done = run_runner(url, names[1], fake, work, args.chunk_size, args.concurrency)
-            counts = Counter(fake.counts)
-            total = fake.total_requests
-            api_calls = fake.api_usage - usage_before
-            rate = n / wall
-            states, wrong = check_runner(db_runner, n, app_users)
-            pending = db_runner.profiles.count_documents(pending_filter())
-            reported = re.search(r"validated in ([\d.]+)s", done.stdout)
-            print(f"(b) runner: {sys.executable} -m crm_states.cli validate-nb --chunk-size {args.chunk_size} "
-                  f"--concurrency {args.concurrency}  (exit {done.returncode})")
-            print(f"    chunk size {args.chunk_size}, concurrency {args.concurrency}")
-            for line in done.stdout.rstrip().splitlines():
-                print(f"    | {line}")
-            if done.returncode != 0 or wrong:
-                for line in done.stderr.rstrip().splitlines()[-15:]:
-                    print(f"    stderr| {line}")
-            print(f"    wall time (spawn to exit, start-up included): {wall:.1f}s for {n} profiles = {rate:.0f} profiles/s"
-                  + (f"; the runner's own clock: {reported.group(1)}s" if reported else ""))
-            print()
-
-            ratio = rate / naive_rate
-            per_10k = api_calls * 10_000 / n
-            print("figures against targets")
-            print(f"  naive (a): {naive_rate:10.2f} profiles/s   (sample of {sample})")
-            print(f"  runner (b): {rate:9.0f} profiles/s   (all {n})")
-            print(f"  ratio (b)/(a): {ratio:8.0f}            target >= {TARGET_RATIO:.0f}: {verdict(ratio >= TARGET_RATIO)}")
-            print(f"  CRM API requests per 10,000 profiles (b): {per_10k:.1f} ({api_calls} for {n}; the fake's "
-                  f"api-usage counter)   target <= {TARGET_REQUESTS_PER_10K:.0f}: "
-                  f"{verdict(per_10k <= TARGET_REQUESTS_PER_10K)}")
-            print(f"  all HTTP requests to the fake (b), the OAuth token requests included: {total} = "
-                  f"{total * 10_000 / n:.1f} per 10,000")
-            for kind, count in sorted(counts.items()):
-                print(f"      {kind:<20} {count:>6}   = {count * 10_000 / n:7.1f} per 10,000")
-            if fake.fault_counts:
-                print(f"      faults injected: {dict(fake.fault_counts)}")
-            if n == 100_000:
-                print(f"  wall time of (b) for {n} profiles: {wall:.1f}s   target <= {TARGET_SECONDS_PER_100K:.0f}s: "
-                      f"{verdict(wall <= TARGET_SECONDS_PER_100K)}")
-            else:
-                print(f"  wall time of (b) for {n} profiles: {wall:.1f}s   target <= {TARGET_SECONDS_PER_100K:.0f}s "
-                      f"for 100,000 (run with --profiles 100000); at this run's rate 100,000 would take "
-                      f"~{100_000 / rate:.0f}s")
-            print()
-            print(f"verification of (b): count per state in {names[1]}")
-            for state, count in sorted(states.items()):
-                expected = (len(app_users) if state == "WroteSalesforceAppUserUid"
-                            else n - len(app_users) if state == "WroteNotFound" else 0)
-                print(f"  {state:<30} {count:>8}   expected {expected}")
-            print(f"  still pending (pending_filter): {pending}")
-            if wrong:
-                print(f"  FAIL: {len(wrong)} profiles not as seeded, e.g.: " + "; ".join(wrong[:5]))
-            else:
-                print(f"  OK: every one of the {n} profiles ended in WroteSalesforceAppUserUid (with the fake's "
-                      f"app user id) or WroteNotFound (with a NbProfileNotFoundInSalesforce CrmLog line) as seeded")
-        finally:
-            fake.stop()
-            for name in names:
-                client.drop_database(name)
-            client.close()
-            if server is not None:
-                server.stop()
+        for kind in args.servers.split(","):
+            print(f"{kind}: seeding {args.profiles:,} profiles, the floor, then {', '.join(modes)} ...", flush=True)
+            results[kind] = one_server(kind.strip(), args, modes, Path(tmp))
+    report(args, modes, results)
     return 0
 
 

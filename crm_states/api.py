@@ -17,8 +17,16 @@ import attrs
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from machines import change_email, mailing_list_signup, mark_as_spam, new_user_signup, nb_profile_validation, \
-    sync_sustainers
+from machines import (
+    change_email,
+    mailing_list_signup,
+    mark_as_spam,
+    nb_profile_validation,
+    new_user_signup,
+    reconcile_by_email,
+    retire_nb_ids,
+    sync_sustainers,
+)
 
 from . import sustainers
 from .crm.base import CrmConnectionManager
@@ -36,6 +44,8 @@ MACHINES: Mapping[str, StateMachine] = MappingProxyType({
     mark_as_spam.NAME: mark_as_spam.SPEC,
     mailing_list_signup.NAME: mailing_list_signup.SPEC,
     sync_sustainers.NAME: sync_sustainers.SPEC,
+    retire_nb_ids.NAME: retire_nb_ids.SPEC,
+    reconcile_by_email.NAME: reconcile_by_email.SPEC,
 })
 
 DEFAULT_MONGO_URL = "mongodb://127.0.0.1:27017"
@@ -134,9 +144,20 @@ class CrmStates:
         states.claim_wait = _seconds_setting("CRM_STATES_CLAIM_WAIT", states.claim_wait, zero=True, env=settings)
         return states
 
-    def engine(self, name: str) -> Engine:
-        return Engine(machine(name), self.store, self.journal, context=self.crm, clock=self.clock,
-                      claim_seconds=self.claim_seconds)
+    def engine(self, name: str, *, context: Any = None) -> Engine:
+        """The machine's engine; its effects are given ``context`` (default: the machine's own, ``_context``;
+        the batch runner's snapshot modes give a recorded lookup instead)."""
+        return Engine(machine(name), self.store, self.journal, context=self._context(name) if context is None
+                      else context, clock=self.clock, claim_seconds=self.claim_seconds)
+
+    def _context(self, name: str) -> Any:
+        """What a machine's effects are given: the CRM, and for the email reconciliation also a read of the
+        profiles already holding an App User id (so that one App User is never given to two profiles)."""
+        if name == reconcile_by_email.NAME:
+            from .reconcile import holders
+
+            return reconcile_by_email.Context(self.crm, lambda ids: holders(self.store, ids))
+        return self.crm
 
     # --- reads: the stable public read API (a read never writes) -----------------------------------
     def position(self, profile_id: int, machine_name: str) -> Position | None:
@@ -160,7 +181,7 @@ class CrmStates:
         """The profile's Salesforce app user id: the newest one a finished run recorded, else the one on the
         profile document (which Sefaria's stale saves may have erased)."""
         newest: tuple[Any, str] | None = None
-        for name in (new_user_signup.NAME, nb_profile_validation.NAME):
+        for name in (new_user_signup.NAME, nb_profile_validation.NAME, retire_nb_ids.NAME, reconcile_by_email.NAME):
             data = self.store.position(profile_id, name).data
             value, at = data.fields.get("sf_app_user_id"), data.set_at.get("sf_app_user_id")
             if isinstance(value, str) and value and (newest is None or (at and at > newest[0])):
@@ -314,3 +335,32 @@ class CrmStates:
         only = None if machine_name is None else [machine(machine_name).name]
         ids = None if profile_ids is None else [check_profile_id(pid) for pid in profile_ids]
         return heal(self.store, list(MACHINES), only=only, dry_run=dry_run, profile_ids=ids)
+
+    # --- the migration (the design document's flowchart, README "The migration, step by step") ----------
+    def retire_nb_ids(self, *, accept: Sequence[str] = (), undo: bool = False, dry_run: bool = False,
+                      limit: int | None = None, chunk_size: int = 1000, concurrency: int = 1,
+                      lease_seconds: float = 300.0) -> Any:
+        """Remove ``nationbuilder_id`` from every validated profile (``crm_states.retirement``): refused, with
+        the counts per blocking state, while any profile holding one is not validated or its validation
+        stopped in a failure state not in ``accept``; with ``undo``, restore every retired id exactly.
+        Returns a ``RetireReport``."""
+        from .retirement import retire_nb_ids
+        from .runner import RunnerConfig
+
+        config = RunnerConfig(chunk_size=chunk_size, concurrency=concurrency, limit=limit, dry_run=dry_run,
+                              lease_seconds=lease_seconds)
+        return retire_nb_ids(self, config, accept=accept, undo=undo)
+
+    def reconcile_by_email(self, *, joined_before: Any = None, users: Any = None, dry_run: bool = False,
+                           limit: int | None = None, max_api_calls: int | None = None, chunk_size: int = 1000,
+                           concurrency: int = 1, lease_seconds: float = 300.0) -> Any:
+        """Give each profile without a nationbuilder_id or an App User id (and no signup in flight) the App
+        User that has its user's email, if exactly one does (``crm_states.reconcile``); never creates one.
+        ``users`` reads emails and join dates (``crm_states.users``; default: Django's ``auth_user`` when
+        Django is configured, else the profiles' ``email``/``date_joined``). Returns a ``RunnerReport``."""
+        from .reconcile import ReconcileRunner
+        from .runner import RunnerConfig
+
+        config = RunnerConfig(chunk_size=chunk_size, concurrency=concurrency, limit=limit, dry_run=dry_run,
+                              max_api_calls=max_api_calls, lease_seconds=lease_seconds)
+        return ReconcileRunner(self, config, joined_before=joined_before, users=users).run()

@@ -1,6 +1,6 @@
 """Celery tasks for Sefaria's workers (the optional extra ``crm_states[celery]``).
 
-Four tasks call exactly what the command line and Sefaria's hooks call:
+Five tasks call exactly what the command line and Sefaria's hooks call:
 
 - ``crm_states.run_signup(user_id, ...)``: ``CrmStates.run_signup`` (``crm-states signup``);
 - ``crm_states.validate_chunk(profile_ids=[...] | id_range=[lo, hi])``: the batch runner's per-chunk
@@ -9,7 +9,12 @@ Four tasks call exactly what the command line and Sefaria's hooks call:
 - ``crm_states.sync_sustainers(force=False, ...)``: ``crm_states.sustainers.sync_sustainers``
   (``crm-states sync-sustainers``);
 - ``crm_states.heal(machine=None, dry_run=False)``: ``CrmStates.heal`` (``crm-states heal``), for Celery beat
-  every few minutes: Sefaria's profile saves erase machine data at any time.
+  every few minutes: Sefaria's profile saves erase machine data at any time;
+- ``crm_states.signup_sweep(older_than=1800, joined_after=None, joined_before=None, limit=None)``: the signup
+  sweep (``crm-states signup --pending``, ``crm_states.sweep``), for Celery beat: the users whose signup hook
+  never ran or never finished, signed up in batches. ``older_than`` leaves alone the users (and runs) a live
+  hook or a retrying ``run_signup`` task may still be on (its retries back off for up to about 16 minutes).
+  Dates are ISO 8601 strings. Never retried: what a sweep could not do is a state the next sweep takes up.
 
 Arguments and results are JSON: ids, flags, and a summary with the state, the outcome and per-state
 counts. Every task builds its ``CrmStates`` with ``CrmStates.from_env``, as the commands do: ``MONGO_URL``
@@ -33,6 +38,7 @@ the library imports this module.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import threading
@@ -46,10 +52,17 @@ from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
 from .api import MACHINES, CrmStates
-from .crm.errors import CrmLimitExceeded, CrmTransientError
+from .crm.errors import CrmLimitExceeded, CrmTransientError, transient_error_text
 from .engine import RunResult
 from .records import Position
-from .runner import NB_FILTER, PROJECTION, Progress, RunnerConfig, RunnerReport, ValidationRunner
+from .runner import (
+    NB_FILTER,
+    PROJECTION,
+    Progress,
+    RunnerConfig,
+    RunnerReport,
+    ValidationRunner,
+)
 from .sustainers import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DEMOTE_SHARE, SyncReport
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -58,6 +71,8 @@ DEFAULT_RETRY_BACKOFF = 30
 DEFAULT_MAX_RETRIES = 5
 #: The most profiles one ``validate_chunk`` takes: about what one batched lookup carries.
 MAX_CHUNK = 5000
+#: Seconds: the signup sweep leaves alone users who joined (and runs that moved) more recently than this.
+SWEEP_OLDER_THAN = 1800.0
 
 #: Per machine, the state in which a CRM failure stopped a run after the failure was written.
 _CRM_FAILURE_STATE = {nb.NAME: "WroteUnexpectedResponse", signup.NAME: "WroteSalesforceErrorToDb"}
@@ -70,6 +85,7 @@ class CrmTasks(NamedTuple):
     validate_chunk: Task
     sync_sustainers: Task
     heal: Task
+    signup_sweep: Task
 
 
 # --- the CrmStates of a worker process ------------------------------------------------------------------
@@ -105,9 +121,9 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
 
 def register_tasks(app: Celery, *, open_states: Callable[[], CrmStates] | None = None,
                    max_retries: int = DEFAULT_MAX_RETRIES, retry_backoff: int | None = None) -> CrmTasks:
-    """Register ``crm_states.run_signup``, ``crm_states.validate_chunk`` and ``crm_states.sync_sustainers``
-    on ``app`` (Sefaria's own app, or ``make_app()``). ``open_states`` gives the ``CrmStates`` a task uses
-    (default: ``shared_states``, from the environment). ``retry_backoff`` defaults to
+    """Register the tasks above (``crm_states.run_signup``, ``validate_chunk``, ``sync_sustainers``, ``heal``,
+    ``signup_sweep``) on ``app`` (Sefaria's own app, or ``make_app()``). ``open_states`` gives the ``CrmStates``
+    a task uses (default: ``shared_states``, from the environment). ``retry_backoff`` defaults to
     ``CRM_STATES_RETRY_BACKOFF`` or 30 seconds.
 
     ``acks_late``: a worker that dies mid-task leaves the message to be delivered again, which is safe
@@ -153,11 +169,18 @@ def register_tasks(app: Celery, *, open_states: Callable[[], CrmStates] | None =
                                     "waiting": report.waiting[name], "stale_inputs": report.stale_inputs[name]}
                              for name in names}}
 
+    def signup_sweep_task(task: Task, older_than: float = SWEEP_OLDER_THAN, joined_after: str | None = None,
+                          joined_before: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """``crm-states signup --pending``: sign up the users a signup missed; meant for Celery beat."""
+        return _signup_sweep(states(), older_than=older_than, joined_after=joined_after, joined_before=joined_before,
+                             limit=limit)
+
     return CrmTasks(
         run_signup=app.task(name="crm_states.run_signup", **options)(run_signup_task),
         validate_chunk=app.task(name="crm_states.validate_chunk", **options)(validate_chunk_task),
         sync_sustainers=app.task(name="crm_states.sync_sustainers", **options)(sync_sustainers_task),
         heal=app.task(name="crm_states.heal", **{**options, "autoretry_for": ()})(heal_task),
+        signup_sweep=app.task(name="crm_states.signup_sweep", **{**options, "autoretry_for": ()})(signup_sweep_task),
     )
 
 
@@ -233,6 +256,25 @@ def _sync_sustainers(task: Task, app: CrmStates, *, force: bool = False, dry_run
     return summary
 
 
+def _signup_sweep(app: CrmStates, *, older_than: float, joined_after: str | None, joined_before: str | None,
+                  limit: int | None) -> dict[str, Any]:
+    """The sweep with JSON arguments and a JSON summary (the figures ``crm-states signup --pending`` prints)."""
+    from .sweep import sweep_signups
+    from .users import Window
+
+    window = Window(*(None if d is None else _utc(dt.datetime.fromisoformat(d)) for d in (joined_after, joined_before)))
+    report = sweep_signups(app, window=window, older_than=older_than, limit=limit)
+    return {"machine": signup.NAME, "users_read": report.users_read, "signed_up_before": report.signed_up,
+            "without_email": report.without_email, "left_for_operator": report.left_for_operator,
+            "recent": report.recent, "pending": report.pending, "states": dict(report.counts.states),
+            "outcomes": dict(report.counts.outcomes), "app_users": dict(report.sources), "batches": report.batches,
+            "api_requests": report.api_requests, "stopped": report.stopped, "seconds": round(report.seconds, 3)}
+
+
+def _utc(at: dt.datetime) -> dt.datetime:
+    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
+
+
 # --- helpers ------------------------------------------------------------------------------------------------
 
 def _chunk(profile_ids: Sequence[int] | None,
@@ -265,20 +307,9 @@ def _retries_left(task: Task) -> bool:
     return task.max_retries is None or _attempt(task) <= task.max_retries
 
 
-def _transient_names() -> set[str]:
-    """``CrmTransientError`` and its subclasses, by the class name that starts a recorded error."""
-    names: set[str] = set()
-    todo: list[type] = [CrmTransientError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return names
-
-
 def _is_transient(error: Any) -> bool:
     """Whether a recorded error (``engine.describe``: ``"ClassName: message"``) is a transient CRM one."""
-    return isinstance(error, str) and error.partition(":")[0].strip() in _transient_names()
+    return transient_error_text(error)
 
 
 def _positions(app: CrmStates, machine_name: str, ids: Sequence[int] | None,
@@ -325,4 +356,4 @@ def _sync_report(report: SyncReport) -> dict[str, Any]:
 
 #: The default app, for ``celery -A crm_states.celery_tasks worker``; building it connects to nothing.
 app = make_app()
-run_signup, validate_chunk, sync_sustainers, heal = register_tasks(app)
+run_signup, validate_chunk, sync_sustainers, heal, signup_sweep = register_tasks(app)

@@ -17,7 +17,15 @@ from collections.abc import Iterable
 import graphviz
 
 from .engine import StateMachine
-from .report import DB_FAILURE, FAILURE_KINDS, FINAL, INTERMEDIATE, STOPPED, UNKNOWN, StateRow
+from .report import (
+    DB_FAILURE,
+    FAILURE_KINDS,
+    FINAL,
+    INTERMEDIATE,
+    STOPPED,
+    UNKNOWN,
+    StateRow,
+)
 
 #: fill and border colour per kind (also the page's legend: ``report_html`` reads it).
 COLOURS: dict[str, tuple[str, str]] = {

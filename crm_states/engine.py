@@ -24,10 +24,38 @@ from typing import Any
 from . import metrics, owners
 from .journal import Journal, JournalEntry
 from .logs import fields
-from .records import START, Claim, Position, ProfileWrite, Transition, iso, new_run_id, utcnow
-from .spec import (Act, Binding, BindingError, Halt, Outcome, Run, RunResult, StateMachine, Write, describe, each,
-                   trigger_name)
-from .store import ConcurrentTransition, InputChanged, ProfileGone, Step, Store, StoreError
+from .records import (
+    START,
+    Claim,
+    Position,
+    ProfileWrite,
+    Transition,
+    iso,
+    new_run_id,
+    utcnow,
+)
+from .spec import (
+    Act,
+    Binding,
+    BindingError,
+    Halt,
+    Outcome,
+    Run,
+    RunResult,
+    StateMachine,
+    Write,
+    describe,
+    each,
+    trigger_name,
+)
+from .store import (
+    ConcurrentTransition,
+    InputChanged,
+    ProfileGone,
+    Step,
+    Store,
+    StoreError,
+)
 
 __all__ = ["Engine", "Act", "Write", "Outcome", "Run", "RunResult", "StateMachine", "Binding", "BindingError",
            "Halt", "each", "describe", "trigger_name"]

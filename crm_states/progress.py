@@ -38,6 +38,9 @@ class RunnerReport:
     lost_ranges: int = 0
     stopped: str | None = None
     seconds: float = 0.0
+    #: Where the answers came from in a snapshot mode (``crm_states.snapshots``): source, job id or file,
+    #: rows loaded, and whether the snapshot was reused or dropped.
+    snapshot: dict[str, Any] | None = None
 
     @property
     def rate(self) -> float:

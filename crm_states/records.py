@@ -68,9 +68,14 @@ def _stamp(line: str) -> str:
 
 @attrs.frozen
 class ProfileWrite:
-    """The data a transition writes to the profile together with its state: fields to set and at most
-    one ``CrmLog`` line. ``guard``: profile fields the run read its inputs from (the nationbuilder_id it
-    looked up); the write, and the outcome with it, is committed only while they still hold these values.
+    """The data a transition writes to the profile together with its state: fields to set, fields to remove
+    (``unset``) and at most one ``CrmLog`` line. ``guard``: profile fields the run read its inputs from (the
+    nationbuilder_id it looked up); the write, and the outcome with it, is committed only while they still
+    hold these values, and the data recorded is tied to them (``ProfileData.guard``).
+    ``expect``: a compare-and-set on fields the write itself moves, ``{field: value read}`` (``None``: absent):
+    the write lands only while each still holds the value read or already the value this write gives it (its
+    ``set`` value; absent when in ``unset``), so writing it again after a crash is a no-op, never a refusal,
+    and a value someone else wrote meanwhile is never overwritten. Unlike the guard, no basis of the data.
     ``requires_profile``: without a profile the outcome means nothing (a validation), so it is not
     committed; a signup's outcome is committed anyway and reaches the profile once Sefaria creates it."""
 
@@ -78,10 +83,19 @@ class ProfileWrite:
     crm_log: str | None = None
     guard: Mapping[str, Any] = attrs.field(factory=dict)
     requires_profile: bool = False
+    unset: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    expect: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def empty(self) -> bool:
-        return not self.set and not self.crm_log
+        return not self.set and not self.crm_log and not self.unset
+
+    def target(self, field: str) -> Any:
+        """The value this write leaves in ``field``: its ``set`` value, ``None`` (absent) when unset, else
+        the value expected."""
+        if field in self.unset:
+            return None
+        return self.set.get(field, self.expect.get(field))
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"set": dict(self.set), "crm_log": self.crm_log}
@@ -89,6 +103,10 @@ class ProfileWrite:
             doc["guard"] = dict(self.guard)
         if self.requires_profile:
             doc["requires_profile"] = True
+        if self.unset:
+            doc["unset"] = list(self.unset)
+        if self.expect:
+            doc["expect"] = dict(self.expect)
         return doc
 
     @classmethod
@@ -96,19 +114,23 @@ class ProfileWrite:
         if not doc:
             return None
         return cls(set=dict(doc.get("set") or {}), crm_log=doc.get("crm_log"), guard=dict(doc.get("guard") or {}),
-                   requires_profile=bool(doc.get("requires_profile")))
+                   requires_profile=bool(doc.get("requires_profile")), unset=tuple(doc.get("unset") or ()),
+                   expect=dict(doc.get("expect") or {}))
 
 
 @attrs.frozen
 class ProfileData:
     """What the finished runs of one machine mean a profile document to hold: field values (with when each
     was set, so the newest of several machines wins), the guard they were computed under, and the
-    ``CrmLog`` lines. Sefaria replaces whole profile documents with stale copies; ``heal`` writes this back."""
+    ``CrmLog`` lines. Sefaria replaces whole profile documents with stale copies; ``heal`` writes this back.
+    ``removed``: fields the machine removed on purpose, with the value they held (the retirement of
+    nationbuilder_id): records computed from that value still stand on it."""
 
     fields: Mapping[str, Any] = attrs.field(factory=dict)
     set_at: Mapping[str, dt.datetime] = attrs.field(factory=dict)
     guard: Mapping[str, Any] = attrs.field(factory=dict)
     crm_log: tuple[str, ...] = ()
+    removed: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -117,24 +139,29 @@ class ProfileData:
     def with_write(self, write: ProfileWrite, at: dt.datetime) -> ProfileData:
         """This record after ``write`` at ``at``. A write computed from other inputs (another guard: the
         nationbuilder_id changed) starts the fields afresh: values learnt from the old inputs no longer hold.
-        ``CrmLog`` lines are history and stay."""
+        A field the write removes is no longer the machine's to hold. ``CrmLog`` lines are history and stay."""
         same_basis = not write.guard or dict(write.guard) == dict(self.guard)
-        fields = {**(self.fields if same_basis else {}), **write.set}
-        set_at = {**(self.set_at if same_basis else {}), **{name: at for name in write.set}}
+        fields = {name: value for name, value in {**(self.fields if same_basis else {}), **write.set}.items()
+                  if name not in write.unset}
+        set_at = {name: when for name, when in {**(self.set_at if same_basis else {}),
+                                                **{name: at for name in write.set}}.items() if name in fields}
         lines = merge_crm_log(self.crm_log, [write.crm_log] if write.crm_log else [])
         guard = dict(write.guard) if write.guard else dict(self.guard)
-        return ProfileData(fields, set_at, guard, lines)
+        removed = {**{k: v for k, v in self.removed.items() if k not in write.set},
+                   **{name: write.expect.get(name) for name in write.unset}}
+        return ProfileData(fields, set_at, guard, lines, removed)
 
     def to_doc(self) -> dict[str, Any]:
-        return {"fields": dict(self.fields), "set_at": dict(self.set_at), "guard": dict(self.guard),
-                "crm_log": list(self.crm_log)}
+        doc = {"fields": dict(self.fields), "set_at": dict(self.set_at), "guard": dict(self.guard),
+               "crm_log": list(self.crm_log)}
+        return {**doc, "removed": dict(self.removed)} if self.removed else doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any] | None) -> ProfileData:
         if not doc:
             return cls()
         return cls(dict(doc.get("fields") or {}), {k: _aware(v) for k, v in (doc.get("set_at") or {}).items()},
-                   dict(doc.get("guard") or {}), tuple(doc.get("crm_log") or ()))
+                   dict(doc.get("guard") or {}), tuple(doc.get("crm_log") or ()), dict(doc.get("removed") or {}))
 
 
 @attrs.frozen

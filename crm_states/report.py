@@ -127,11 +127,67 @@ NOTES: Mapping[str, Mapping[str, str]] = {
             "replay` restores the history, but never overwrites an is_sustainer that holds the other value); the "
             "next weekly sync writes the then-current status anyway.",
     },
+    "retire_nb_ids": {
+        "ScriptFailureLogged":
+            "The retirement could not check the profile (the position's detail.error says why; e.g. no "
+            "nationbuilder_id to retire, or a resume without a validation). Nothing was removed. Run `crm-states "
+            "retire-nb-ids` again, which reads each profile's validation afresh.",
+        "ValidationNoLongerHolds":
+            "Not retired: the profile's validation no longer speaks for it (its sf_app_user_id changed or vanished "
+            "since, or its nationbuilder_id is not validated or its failure state was not accepted). Export them "
+            "(`crm-states report --machine retire_nb_ids --state ValidationNoLongerHolds --csv FILE`); `crm-states "
+            "heal` restores an erased sf_app_user_id, then `crm-states retire-nb-ids` retires them. With "
+            "detail.after_recording the value was recorded first: `--undo` covers them.",
+        "DbWriteRemovalErrorLogged":
+            "MongoDB refused the removal (journaled). The value is kept in the position: `crm-states resume "
+            "--machine retire_nb_ids --state DbWriteRemovalErrorLogged` (or the next `crm-states retire-nb-ids`) "
+            "removes it; `--undo` restores it.",
+        "RestoreRefused":
+            "Not restored: the profile holds another nationbuilder_id now, which was not written over. Look at "
+            "them by hand (the recorded value is the position's detail.nationbuilder_id).",
+        "DbWriteRestoreErrorLogged":
+            "MongoDB refused the restore (journaled). `crm-states resume --machine retire_nb_ids --state "
+            "DbWriteRestoreErrorLogged` restores it; `crm-states replay <journal>` writes it where the field is "
+            "absent.",
+    },
+    "reconcile_by_email": {
+        "ScriptFailureLogged":
+            "No email to look up (no such user in Django's auth_user, or an empty email). The position's "
+            "detail.error says why. A later `crm-states reconcile-by-email` looks again once the email changes.",
+        "WroteEmailNotFound":
+            "No App User has the user's email: a user the migration missed, or one who changed their email. "
+            "These have `EmailReconcileNotFoundInSalesforce-datetime` in their `CrmLog`. Export them (`crm-states "
+            "report --machine reconcile_by_email --state WroteEmailNotFound --csv FILE`) and decide with MarComs; "
+            "`crm-states resume --machine reconcile_by_email --state WroteEmailNotFound` asks again.",
+        "WroteAmbiguousResponse":
+            "Several App Users have the email, or its one App User is already held by another profile: nothing was "
+            "written (`EmailReconcileAmbiguous-datetime: ...` in `CrmLog` lists the candidates). Resolve them in "
+            "Salesforce, then `crm-states resume --machine reconcile_by_email --state WroteAmbiguousResponse`.",
+        "WroteUnexpectedResponse":
+            "The lookup failed or answered records that were refused (`EmailReconcileUnexpectedRes-datetime: "
+            "{error}` in `CrmLog`). Once fixed, `crm-states resume --machine reconcile_by_email --state "
+            "WroteUnexpectedResponse` asks again.",
+        "DbWriteOkErrorLogged":
+            "The App User was found but MongoDB refused the write of its id (journaled): `crm-states replay "
+            "<journal>` writes it where the profile holds none, or `crm-states resume --machine reconcile_by_email "
+            "--state DbWriteOkErrorLogged` looks it up and writes it.",
+        "DbWriteEmailNotFoundErrorLogged":
+            "ErrorLogged status: the not-found result should have been written to Mongo but was not: `crm-states "
+            "replay <journal>`.",
+        "DbWriteAmbiguousErrorLogged":
+            "ErrorLogged status: the ambiguous result should have been written to Mongo but was not: `crm-states "
+            "replay <journal>`.",
+        "DbWriteUnexpectedResFailure":
+            "ErrorLogged status: the unexpected response should have been written to Mongo but was not: "
+            "`crm-states replay <journal>`.",
+    },
 }
 
 #: The design document's note on a whole machine, printed under its states in the text report.
 MACHINE_NOTES: Mapping[str, str] = {
-    "nb_profile_validation": "Only after the failure states are handled can we remove nationbuilder_id from Mongo.",
+    "nb_profile_validation": "Only after the failure states are handled can we remove nationbuilder_id from Mongo "
+                             "(`crm-states retire-nb-ids` refuses until then).",
+    "retire_nb_ids": "`crm-states retire-nb-ids --undo` restores every retired nationbuilder_id exactly.",
 }
 
 HALF_WAY_NOTE = ("A run stopped half-way (crash or outage): `crm-states resume --machine {machine} --state {state}` "

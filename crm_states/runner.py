@@ -8,6 +8,11 @@ drives the range's profiles through the machine in one batch: one batched CRM lo
 range. Killed at any instant and started again, it finishes the job: finished profiles are skipped,
 half-done ones are continued, and the store's compare-and-set rules out a transition twice.
 
+Where the answers come from is the run's ``LookupStrategy``: by default the CRM, asked once per range
+(packed REST queries, every request counted by the client's ``api_requests``); ``crm_states.snapshots``
+answers instead from a snapshot of the CRM loaded into our database first (a Bulk API query job, or the
+operators' export). The ranges, leases, drive and counting are this module's, whatever the strategy.
+
 What it prints is what the database holds: a profile is counted in a state only when its commit was
 acknowledged; a journaled DB failure whose state could not be written is counted apart; profiles another
 driver moved are not counted as this run's.
@@ -30,14 +35,16 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 from machines import nb_profile_validation as nb
 
 from . import metrics
-from .api import CrmStates
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
 from .progress import Progress, RunnerReport
+from .protocols import States as CrmStates
 from .records import Position
+from .spec import Halt
 from .store.documents import position_from_doc
 
-__all__ = ["ValidationRunner", "RunnerConfig", "RunnerReport", "Progress", "PROJECTION", "NB_FILTER", "pending_ids"]
+__all__ = ["ValidationRunner", "RunnerConfig", "RunnerReport", "Progress", "PROJECTION", "NB_FILTER", "pending_ids",
+           "LookupStrategy"]
 
 log = logging.getLogger("crm_states.runner")
 
@@ -67,6 +74,85 @@ class RunnerConfig:
     dry_run: bool = False
     max_api_calls: int | None = None
     lease_seconds: float = 300.0
+
+
+class LookupStrategy:
+    """Where a run's lookups are answered. This one asks the CRM for every range (one packed lookup of
+    the range's NationBuilder ids: ``request_contact``); ``crm_states.snapshots.SnapshotLookups`` loads a
+    snapshot first and answers from it. ``range_requests`` is what one range's lookup is expected to cost
+    in API requests (0: ranges cost nothing, so ``--max-api-calls`` is not checked between them)."""
+
+    name = "rest"
+    range_requests = 1
+
+    def __init__(self, app: CrmStates) -> None:
+        self.app = app
+        self.budget: BudgetedLookups | None = None
+
+    def context(self) -> Any:
+        """What the machine's lookup effect is given: the CRM, behind ``--max-api-calls`` when one is set."""
+        return self.app.crm if self.budget is None else self.budget
+
+    def limit(self, max_api_calls: int | None) -> None:
+        """Hold every lookup to ``max_api_calls`` API requests in all (``BudgetedLookups``)."""
+        self.budget = None if max_api_calls is None else BudgetedLookups(self.app.crm, max_api_calls,
+                                                                          self.api_requests)
+
+    def prepare(self, runner: ValidationRunner, report: RunnerReport) -> bool:
+        """Work before the ranges; False stops the run (``report.stopped`` says why)."""
+        return True
+
+    def finish(self, runner: ValidationRunner, report: RunnerReport) -> None:
+        """Work after the ranges (the run may have stopped early)."""
+
+    def api_requests(self) -> int:
+        """The API requests the CRM client has sent so far, as the CRM counts them."""
+        counted = getattr(self.app.crm, "api_requests", None)
+        return counted if isinstance(counted, int) else 0
+
+
+class BudgetedLookups:
+    """The CRM, with every batched lookup held to a budget of API requests: a lookup goes out only when the
+    requests spent, plus what the lookups in flight were allowed, leave room for what one lookup has cost so
+    far (one request, more where answers had further pages). Without room it waits for the lookups in flight
+    (their requests then all counted), and halts its batch, whose profiles stay pending, when none is left."""
+
+    def __init__(self, crm: Any, limit: int, spent: Callable[[], int]) -> None:
+        self.crm = crm
+        self.limit = limit
+        self.spent = spent
+        self._turn = threading.Condition()
+        self._at_start = spent()
+        self._reserved = 0
+        self._done = 0
+
+    def lookup_app_users_by_nationbuilder_ids(self, ids: Any) -> Any:
+        return self._within_budget(self.crm.lookup_app_users_by_nationbuilder_ids, ids)
+
+    def lookup_app_users_by_emails(self, emails: Any) -> Any:
+        return self._within_budget(self.crm.lookup_app_users_by_emails, emails)
+
+    def _within_budget(self, lookup: Callable[[Any], Any], keys: Any) -> Any:
+        with self._turn:
+            while True:
+                spent = self.spent() - self._at_start
+                cost = max(1, -(-spent // self._done) if self._done else 1)
+                if spent + self._reserved + cost <= self.limit:
+                    break
+                if not self._reserved:
+                    raise Halt(f"--max-api-calls {self.limit} reached")
+                self._turn.wait()
+            self._reserved += cost
+        try:
+            return lookup(keys)
+        finally:
+            with self._turn:
+                self._reserved -= cost
+                self._done += 1
+                self._turn.notify_all()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.crm, name)
 
 
 def pending_ids(app: CrmStates, *, after: int | None = None, batch_size: int = 1000) -> Iterator[int]:
@@ -104,14 +190,20 @@ def _reap(in_flight: deque[Future[None]]) -> None:
 
 
 class ValidationRunner:
-    """Validates every pending NationBuilder profile; several may run at once on one database."""
+    """Validates every pending NationBuilder profile; several may run at once on one database.
+
+    Another batch job over id ranges reuses it by naming its ``machine`` and overriding ``pending_after``,
+    ``_read_chunk`` and ``_drive`` (``crm_states.reconcile``, ``crm_states.retirement``)."""
+
+    machine = nb.NAME
 
     def __init__(self, app: CrmStates, config: RunnerConfig = RunnerConfig(), *,
-                 progress: Callable[[int], Progress] | None = None) -> None:
+                 progress: Callable[[int], Progress] | None = None, lookup: LookupStrategy | None = None) -> None:
         self.app = app
         self.config = config
+        self.lookup = lookup or LookupStrategy(app)
         self.profiles = app.store.profiles
-        self.leases = RangeLeases(app.store.db[LEASES], nb.NAME, seconds=config.lease_seconds)
+        self.leases = RangeLeases(app.store.db[LEASES], self.machine, seconds=config.lease_seconds)
         self.make_progress = progress or (lambda total: Progress(total))
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,7 +219,20 @@ class ValidationRunner:
             report.processed = min(pending, self.config.limit or pending)
             report.stopped = "dry run: nothing was claimed, sent or written"
             return report
-        self._api_at_start = self._api_requests()
+        self._api_at_start = self.lookup.api_requests()
+        if self.lookup.range_requests:
+            self.lookup.limit(self.config.max_api_calls)
+        try:
+            if pending and not self.lookup.prepare(self, report):
+                return report
+            self._validate_ranges(first, last, pending, report)
+            self.lookup.finish(self, report)
+        finally:
+            report.api_requests = self.lookup.api_requests() - self._api_at_start
+            report.seconds = time.monotonic() - started
+        return report
+
+    def _validate_ranges(self, first: int, last: int, pending: int, report: RunnerReport) -> None:
         span = (last - first + 1) if pending else 1
         base, width = self.leases.agree_ranges(self.config.chunk_size, first if pending else 0,
                                                max(self.config.chunk_size,
@@ -143,7 +248,7 @@ class ValidationRunner:
                     if self._stop.is_set() or budget == 0:
                         break
                     _reap(in_flight)
-                    if not self._within_api_budget(report, reserved=len(in_flight)):
+                    if not self._within_api_budget(report):
                         break
                     if not self._outlasting_outages(lambda: self.leases.claim(index)):
                         report.skipped_ranges += 1
@@ -161,15 +266,12 @@ class ValidationRunner:
                 for future in in_flight:
                     future.cancel()
                 progress.close()
-        report.api_requests = self._api_requests() - self._api_at_start
-        report.seconds = time.monotonic() - started
-        return report
 
     def _survey(self) -> tuple[int, int, int]:
         """``(first pending id, last pending id, how many)`` in one pass of the merge."""
         first = last = 0
         count = 0
-        for pid in self._pending_ids():
+        for pid in self.pending_ids():
             if count == 0:
                 first = pid
             last = pid
@@ -180,7 +282,7 @@ class ValidationRunner:
         """``(range index, pending profiles in it)`` in id order."""
         current: int | None = None
         count = 0
-        for pid in self._pending_ids():
+        for pid in self.pending_ids():
             index = (pid - base) // width
             if current is not None and index != current:
                 yield current, count
@@ -190,14 +292,14 @@ class ValidationRunner:
         if current is not None:
             yield current, count
 
-    def _pending_ids(self) -> Iterator[int]:
+    def pending_ids(self) -> Iterator[int]:
         """``pending_ids``, reopened after the last id seen when the server lost the cursor (a restart,
         a failover), a few times: the work already claimed is not affected by it."""
         last: int | None = None
         failures = 0
         while True:
             try:
-                for pid in pending_ids(self.app, after=last, batch_size=self.config.chunk_size):
+                for pid in self.pending_after(last, self.config.chunk_size):
                     failures = 0
                     last = pid
                     yield pid
@@ -209,6 +311,10 @@ class ValidationRunner:
                 log.warning("the cursor over pending profiles was lost (%s); reopening it after id %s",
                             type(exc).__name__, last)
                 time.sleep(_backoff(failures))
+
+    def pending_after(self, after: int | None, batch_size: int) -> Iterator[int]:
+        """Pending profile ids above ``after``, in id order."""
+        return pending_ids(self.app, after=after, batch_size=batch_size)
 
     @staticmethod
     def _outlasting_outages(call: Callable[[], T]) -> T:
@@ -259,35 +365,38 @@ class ValidationRunner:
         """The chunk's pending profiles (fresh, read after the lease was taken) and their positions."""
         candidates = [p for p in self.profiles.find({**NB_FILTER, **where}, PROJECTION).sort("id", 1)
                       if isinstance(p.get("id"), int) and not isinstance(p["id"], bool)]
-        positions = self.app.store.positions_of(nb.NAME, [p["id"] for p in candidates])
+        bounds = where.get("id")
+        if isinstance(bounds, Mapping) and set(bounds) == {"$gte", "$lt"}:  # one range read: an $in costs per hit
+            positions = self.app.store.positions_between(nb.NAME, bounds["$gte"], bounds["$lt"])
+        else:
+            positions = self.app.store.positions_of(nb.NAME, [p["id"] for p in candidates])
         pending = [p for p in candidates if not nb.validated_for(p, positions.get(p["id"], Position()))]
         return pending[:count], positions
 
     def _drive(self, profiles: list[dict[str, Any]], positions: Mapping[int, Position]) -> list[RunResult]:
-        engine = self.app.engine(nb.NAME)
+        engine = self.app.engine(nb.NAME, context=self.lookup.context())
         return engine.drive([engine.prepare(p, positions.get(p["id"], Position()), restart=True) for p in profiles])
 
     def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
-        metrics.runner_results(nb.NAME, results)
+        metrics.runner_results(self.machine, results)
         with self._lock:
-            report.lookups += 1
+            report.lookups += any(r.outcome != "halted" for r in results)  # a halted batch asked nothing
             done = report.add(results)
             if report.stopped:
                 self._stop.set()
             progress.update(done, report)
 
     # --- the API budget -------------------------------------------------------------------------
-    def _api_requests(self) -> int:
-        counted = getattr(self.app.crm, "api_requests", None)
-        return counted if isinstance(counted, int) else 0
+    def spent(self) -> int:
+        """API requests this run has sent so far (the CRM client's own count)."""
+        return self.lookup.api_requests() - self._api_at_start
 
-    def _within_api_budget(self, report: RunnerReport, reserved: int) -> bool:
-        """Room for one more range's lookup, counting the ranges still in flight. Spending is read from the
-        CRM client's own request counter where it has one, else one request per lookup."""
-        if self.config.max_api_calls is None:
+    def _within_api_budget(self, report: RunnerReport) -> bool:
+        """Whether another range is worth claiming: requests are left. Each lookup itself is held to the
+        budget exactly, counting those in flight (``BudgetedLookups``): a range past it halts untouched."""
+        if self.config.max_api_calls is None or not self.lookup.range_requests:
             return True
-        spent = max(self._api_requests() - self._api_at_start, report.lookups)
-        if spent + reserved >= self.config.max_api_calls:
+        if self.spent() >= self.config.max_api_calls:
             report.stopped = f"--max-api-calls {self.config.max_api_calls} reached"
             return False
         return True

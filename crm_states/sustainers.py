@@ -26,27 +26,19 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 
 from machines import sync_sustainers as machine
 
 from .crm.errors import CrmLimitExceeded
-from .engine import Engine, describe
+from .engine import describe
+from .protocols import States as CrmStates
 from .records import Position
-from .store import Store
 
 log = logging.getLogger("crm_states.sustainers")
 
-
-class CrmStates(Protocol):
-    """What the sync needs of ``crm_states.api.CrmStates`` (named here so this module does not import it)."""
-
-    store: Store
-    crm: Any
-
-    def engine(self, name: str) -> Engine: ...
 
 DEFAULT_MAX_DEMOTE_SHARE = 0.1
 DEFAULT_BATCH_SIZE = 1000

@@ -20,7 +20,10 @@ def journaled_app_user_id(run: Run) -> str | None:
 def crm_failure(exc: Exception) -> Mapping[str, Any]:
     """The detail of a failed CRM call. The daily API limit halts the batch instead, and so does a CRM that
     is not configured or cannot answer (``CrmConfigError``, ``CrmNotSupported``): no answer came, so no
-    verdict may be recorded; the runs stay where they were persisted."""
+    verdict may be recorded; the runs stay where they were persisted. So does an answer source that halts
+    itself (a snapshot dropped while it was read)."""
+    if isinstance(exc, Halt):
+        raise exc
     if isinstance(exc, CrmLimitExceeded):
         raise Halt(f"CRM API limit reached: {exc}") from exc
     if isinstance(exc, CrmConfigError):

@@ -19,6 +19,7 @@ from typing import Any
 from crm_states.crm import CrmConnectionManager
 from crm_states.crm.results import Matches
 from crm_states.engine import Act, Outcome, Run, StateMachine, Write, describe, each
+from crm_states.lookups import RecordedLookup
 from crm_states.records import Position, ProfileWrite, crm_log_line
 
 from . import diagram_path
@@ -63,6 +64,8 @@ def validated_for(profile: Mapping[str, Any], position: Position) -> bool:
 
 def request_contact(runs: Sequence[Run], crm: CrmConnectionManager) -> list[Outcome]:
     """One batched lookup for every run; a failed request sends the whole batch to UnexpectedResponse.
+    The lookup is the CRM's (packed REST queries), or a ``RecordedLookup`` (a snapshot of the CRM), whose
+    outcomes also name what they were read from.
 
     An answer is taken only when it is one clean App User id: several App Users for one NationBuilder id,
     or a record the client refused (not a Salesforce id, an oversized value), is UnexpectedResponse with a
@@ -70,15 +73,22 @@ def request_contact(runs: Sequence[Run], crm: CrmConnectionManager) -> list[Outc
     known = {id(run): app_user for run in runs if (app_user := journaled_app_user_id(run))}
     ask = sorted({run.detail["nationbuilder_id"] for run in runs if id(run) not in known})
     found: dict[int, Matches] = {}
+    read_from: dict[int, Mapping[str, Any]] = {}
     failure = None
+    recorded = isinstance(crm, RecordedLookup)  # a snapshot of the CRM: the detail names what was read
     if ask:
         try:
-            found = dict(crm.lookup_app_users_by_nationbuilder_ids(ask))
+            if recorded:
+                found, read_from = crm.recorded_app_users(ask)
+            else:
+                found = dict(crm.lookup_app_users_by_nationbuilder_ids(ask))
         except Exception as exc:
             failure = crm_failure(exc)
     outcomes = []
     for run in runs:
         base = {"nationbuilder_id": run.detail["nationbuilder_id"], "input": run.detail.get("input")}
+        if recorded and id(run) not in known:
+            base.update({**crm.source, **read_from.get(base["nationbuilder_id"], {})})
         matches = found.get(base["nationbuilder_id"])
         if id(run) in known:
             outcomes.append(Outcome("OkResponse", {**base, "app_user_id": known[id(run)], "source": "journal"}))

@@ -13,6 +13,7 @@ saying so. ``CRM_STATES_TEST_CELERY=memory`` forces that fallback.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -373,6 +374,22 @@ def test_the_last_attempt_returns_its_summary_and_bad_arguments_are_not_retried(
     for bad in ({}, {"profile_ids": [1], "id_range": [1, 2]}, {"profile_ids": ["1"]}, {"id_range": [5, 5]}):
         outcome = local.validate_chunk.apply(kwargs=bad)
         assert outcome.failed() and isinstance(outcome.result, (TypeError, ValueError)), bad
+
+
+def test_signup_sweep_signs_up_the_users_a_signup_missed(world: World) -> None:
+    joined = dt.datetime(2025, 5, 5)
+    ids = list(range(5001, 5011))
+    world.db.profiles.insert_many([{"id": i, "email": f"sweep{i}@example.org", "date_joined": joined} for i in ids])
+    world.fake.insert(APP_USER, {"Sefaria_App_Email__c": "sweep5003@example.org"})  # migrated: adopted
+    creates = delta(world.fake, "collection_create")
+    window = {"joined_after": "2025-05-01", "joined_before": "2025-05-06T00:00:00+00:00"}
+    summary = world.tasks.signup_sweep.delay(older_than=0, **window).get(timeout=TIMEOUT)
+    assert summary["states"] == {"WroteSalesforceAppUserUid": 10} and summary["pending"] == 10
+    assert summary["app_users"] == {"adopted by email": 1, "created": 9} and creates() == 1
+    positions = Store(world.db).positions_of(signup.NAME, ids)
+    assert {p.state for p in positions.values()} == {"WroteSalesforceAppUserUid"} and len(positions) == 10
+    again = world.tasks.signup_sweep.delay(older_than=0, **window).get(timeout=TIMEOUT)
+    assert again["pending"] == 0 and again["signed_up_before"] == 10 and creates() == 1
 
 
 def test_the_broker_is_a_real_redis_server(world: World) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from crm_states.api import MACHINES
 from crm_states.api import CrmStates
 from crm_states.crm.memory import InMemoryCrm
 from crm_states.journal import Journal, JournalEntry
@@ -267,7 +268,7 @@ def test_report_has_column_headers_and_lists_states_per_machine(db, env) -> None
     unknown = cli(env, "report", "--state", "Nope", "--csv", "-")
     lines = unknown.stderr.splitlines()
     assert unknown.returncode == 2 and lines[0].endswith("the states of each machine:")
-    assert lines[1].startswith(f"  {nb.NAME}: NotChecked,") and len(lines) == 1 + 6
+    assert lines[1].startswith(f"  {nb.NAME}: NotChecked,") and len(lines) == 1 + len(MACHINES)
 
 
 def test_replay_says_what_it_restored_and_what_resume_is_for(db, env, fake: FakeSalesforce, failpoint_mongo) -> None:

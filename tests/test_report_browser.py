@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from crm_states.api import MACHINES
 from crm_states import report
 from crm_states.cli import build_parser
 from crm_states.cli.report_command import run_report
@@ -45,7 +46,7 @@ def test_chromium_shows_every_count_in_each_picture_and_table(db, tmp_path: Path
     out = io.StringIO()
     assert run_report(db, args, out) == 0
     total = sum(n for states in EXPECTED.values() for n in states.values())
-    assert out.getvalue() == f"report of 6 machines ({total} profiles) written to {page}\n"
+    assert out.getvalue() == f"report of {len(MACHINES)} machines ({total} profiles) written to {page}\n"
     data = report.collect(db)
     held = {m: {r.state: r.count for r in rows if r.count} for m, rows in data.items() if any(r.count for r in rows)}
     assert held == EXPECTED  # the run left what it was meant to: the page has something to show

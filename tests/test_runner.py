@@ -186,3 +186,30 @@ def test_sigkill_at_random_instants_then_a_final_run_finishes(db, mongo_url: str
     for pid in rng.sample(range(1, 3001), 50):
         assert_history_is_path(nb.SPEC, CrmStates.open(db, fake_crm := app_for(db, fake).crm).history(pid, nb.NAME))
     del fake_crm
+
+
+def test_lookups_follow_query_pages_and_the_budget_counts_every_request(db, fake: FakeSalesforce) -> None:
+    db.profiles.insert_many([{"id": i, "nationbuilder_id": 50_000 + i} for i in range(1, 301)])
+    fake.insert_many(APP_USER, [{"NationBuilder_Id__c": str(50_000 + i)} for i in range(1, 301)])
+    fake.page_size = 40  # a range of 100 ids answers 100 rows: one query and two nextRecordsUrl pages
+    app = app_for(db, fake)
+    report = ValidationRunner(app, RunnerConfig(chunk_size=100, concurrency=1, max_api_calls=7)).run()
+    assert (fake.counts["query"], fake.counts["query_more"]) == (2, 4)
+    assert report.api_requests == fake.api_usage == 6 and report.lookups == 2  # a third range would pass 7
+    assert report.stopped == "--max-api-calls 7 reached" and report.states == {"WroteSalesforceAppUserUid": 200}
+
+
+def test_the_printed_figures_are_what_was_spent_and_what_the_database_holds(db, mongo_url: str,
+                                                                            fake: FakeSalesforce) -> None:
+    seed(db, fake, 3000)
+    env = {**os.environ, "MONGO_URL": mongo_url, "MONGO_DB": db.name, "CRM_TYPE": "SALESFORCE",
+           "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
+           "SALESFORCE_CLIENT_SECRET": fake.client_secret}
+    run = subprocess.run([sys.executable, "-m", "crm_states.cli", "validate-nb", "--max-api-calls", "2"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 4, run.stdout + run.stderr
+    held = db[POSITIONS].count_documents({"machine": nb.NAME})
+    assert held == 2000 and f"{held} of 3000 pending profiles validated" in run.stdout
+    assert "2 API requests, 2 batched lookups)" in run.stdout and fake.api_usage == 2
+    assert "stopped: --max-api-calls 2 reached (2 API requests spent)" in run.stdout
+    assert "in flight" not in run.stdout

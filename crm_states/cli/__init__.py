@@ -35,8 +35,10 @@ from .common import (
     positive,
     seconds,
     share,
+    when,
 )
 from .heal_command import configure_parser as configure_heal
+from .migration_command import configure_reconcile, configure_retire
 from .report_command import cmd_report
 from .report_command import configure_parser as configure_report
 
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "not finished, claim id ranges with expiring leases, and drive each range "
                                           "through the nb_profile_validation machine with one batched CRM lookup. "
                                           "Safe to run several at once and to kill at any time: run it again to "
-                                          "resume. CRM: needs CRM_TYPE=SALESFORCE and Sefaria's Salesforce settings "
-                                          "(--dry-run needs none).")
+                                          "resume. --snapshot answers from one Bulk API query job instead of a "
+                                          "lookup per range, --from-export from the operators' export file. CRM: "
+                                          "needs CRM_TYPE=SALESFORCE and Sefaria's Salesforce settings (--dry-run "
+                                          "and --from-export need none).")
     add_common(validate)
     validate.add_argument("--chunk-size", type=at_most(100_000), default=1000,
                           help="profiles per range (default 1000, at most 100,000)")
@@ -73,24 +77,57 @@ def build_parser() -> argparse.ArgumentParser:
                                                                               "at most 64)")
     validate.add_argument("--limit", type=positive, help="stop after this many profiles")
     validate.add_argument("--dry-run", action="store_true", help="count pending profiles; claim, send, write nothing")
-    validate.add_argument("--max-api-calls", type=positive, help="make at most this many batched CRM lookups "
-                                                                  "(one API call each while the ids fit one URL)")
+    validate.add_argument("--max-api-calls", type=positive,
+                          help="send at most this many API requests, as Salesforce counts them (each query page, "
+                               "each try; with --snapshot the job, its polls and its result pages)")
     validate.add_argument("--lease-seconds", type=seconds, default=300.0,
                           help="how long a range lease lasts (default 300; above 0, at most a week)")
+    modes = validate.add_mutually_exclusive_group()
+    modes.add_argument("--snapshot", action="store_true",
+                       help="answer from one Bulk API 2.0 query job of every App User with a NationBuilder id, "
+                            "loaded into the database first (reused by a later run while Salesforce keeps it); "
+                            "the job, its polls and its result pages are the only API requests")
+    modes.add_argument("--from-export", metavar="FILE.csv",
+                       help="answer from the Salesforce report the operators export (CSV); no API request, no CRM "
+                            "needed; each history names the file and its lines")
+    validate.add_argument("--page-records", type=at_most(1_000_000), default=50_000,
+                          help="with --snapshot: rows per results page, one API request each (default 50,000)")
     validate.set_defaults(func=cmd_validate_nb)
 
-    signup_cmd = sub.add_parser("signup", help="run the new-user signup machine for one user",
+    signup_cmd = sub.add_parser("signup", help="run the new-user signup machine for one user, or every user a "
+                                               "signup missed (--pending)",
                                 description="What Sefaria's signup hook calls: create the app user in the CRM "
                                             "and save its id. Safe to repeat: never creates a second app user. "
-                                            "CRM: any CRM_TYPE (NONE stores a dummy: placeholder id, LOG logs the "
-                                            "create for load-log).")
+                                            "--pending sweeps every user with no app user id and no finished signup "
+                                            "(a hook that never ran, a worker that died, an outage), read from "
+                                            "CRM_STATES_USER_SOURCE (django, profiles or module:function), in "
+                                            "batches: one email lookup (an App User with that email is adopted) and "
+                                            "one sObject Collections create of up to 200 per batch. CRM: any "
+                                            "CRM_TYPE (NONE stores a dummy: placeholder id, LOG logs the create for "
+                                            "load-log).")
     add_common(signup_cmd)
-    signup_cmd.add_argument("--user-id", type=positive, required=True, help="Sefaria user id (profiles.id)")
+    who = signup_cmd.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", type=positive, help="Sefaria user id (profiles.id)")
+    who.add_argument("--pending", action="store_true", help="every user a signup missed (see above)")
     signup_cmd.add_argument("--email", help="default: the profile's email")
     signup_cmd.add_argument("--first-name")
     signup_cmd.add_argument("--last-name")
     signup_cmd.add_argument("--lang", default="en", choices=["en", "he"])
     signup_cmd.add_argument("--educator", action="store_true")
+    signup_cmd.add_argument("--older-than", type=seconds, metavar="S",
+                            help="with --pending: only users who joined (and runs that moved) more than S seconds "
+                                 "ago, so a live signup hook is left to finish")
+    signup_cmd.add_argument("--joined-after", type=when, metavar="DATE",
+                            help="with --pending: only users who joined at or after DATE (ISO 8601, UTC)")
+    signup_cmd.add_argument("--joined-before", type=when, metavar="DATE",
+                            help="with --pending: only users who joined before DATE (ISO 8601, UTC)")
+    signup_cmd.add_argument("--batch-size", type=at_most(200), default=200,
+                            help="with --pending: users per batch, one create request each (default and most 200)")
+    signup_cmd.add_argument("--limit", type=positive, help="with --pending: at most this many users")
+    signup_cmd.add_argument("--max-api-calls", type=positive,
+                            help="with --pending: stop before a batch would pass this many API requests")
+    signup_cmd.add_argument("--dry-run", action="store_true",
+                            help="with --pending: count the users it would sign up; send and write nothing")
     signup_cmd.set_defaults(func=cmd_signup)
 
     resume = sub.add_parser("resume", help="re-drive profiles stuck in a state",
@@ -152,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "profile whose data disagrees with what its finished runs recorded and write it "
                                       "back, in batches; idempotent: run it every few minutes. CRM: none.")
     configure_heal(heal)
+
+    configure_retire(sub.add_parser("retire-nb-ids", help="remove nationbuilder_id from every validated profile "
+                                                          "(--undo puts them back); no CRM call"))
+    configure_reconcile(sub.add_parser("reconcile-by-email", help="give profiles without a nationbuilder_id or an App "
+                                                                  "User id the App User of their email"))
 
     report = sub.add_parser("report", help="count profiles in each state of each machine")
     add_common(report)

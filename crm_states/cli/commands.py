@@ -52,20 +52,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_validate_nb(args: argparse.Namespace) -> int:
     from ..runner import RunnerConfig, ValidationRunner
+    from .validate_modes import dry_run_line, lookup_for, summary_lines
 
-    crm = command_crm("validate-nb", None if args.dry_run else machine_crm(nb.NAME), "to look profiles up")
+    needs = None if args.dry_run or args.from_export else machine_crm(nb.NAME)
+    crm = command_crm("validate-nb", needs, "to look profiles up")
+    lookup = lookup_for(args, crm)
     config = RunnerConfig(chunk_size=args.chunk_size, concurrency=args.concurrency, limit=args.limit,
                           dry_run=args.dry_run, max_api_calls=args.max_api_calls, lease_seconds=args.lease_seconds)
     with database(args) as db:
-        report = ValidationRunner(open_states(db, args, crm), config).run()
+        states = open_states(db, args, crm)
+        report = ValidationRunner(states, config, lookup=lookup(states)).run()
     check_refusal(crm, "validate-nb", f"{report.processed} profiles were validated before it; the others stay "
                                       f"pending")
     if args.dry_run:
-        print(f"{report.pending_at_start} profiles pending validation; a run would make about "
-              f"{-(-report.processed // args.chunk_size)} batched lookups (dry run: nothing claimed, sent or written)")
+        print(dry_run_line(report, args))
         return EXIT_OK
-    print(f"{report.processed} of {report.pending_at_start} pending profiles validated in {report.seconds:.1f}s "
-          f"({report.rate:.0f}/s, {report.lookups} batched lookups)")
+    print("\n".join(summary_lines(report)))
     print_counts(report.states)
     problems = {k: v for k, v in report.outcomes.items() if k in ("interrupted", "conflict")}
     if problems:
@@ -73,13 +75,19 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
     if report.skipped_ranges:
         print(f"  {report.skipped_ranges} id ranges were leased by another runner")
     if report.stopped:
-        print(f"stopped: {report.stopped}")
-        print("run `crm-states validate-nb` again to resume where this run stopped")
+        print(f"stopped: {report.stopped} ({report.api_requests} API requests spent)")
+        print("run `crm-states validate-nb` again (same options) to resume where this run stopped")
         return EXIT_LIMIT
-    return EXIT_PROBLEMS if problems else EXIT_OK
+    failed = (report.snapshot or {}).get("state") == "failed"
+    return EXIT_PROBLEMS if problems or failed else EXIT_OK
 
 
 def cmd_signup(args: argparse.Namespace) -> int:
+    from .sweep_command import check_signup_flags, cmd_signup_pending
+
+    check_signup_flags(args)
+    if args.pending:
+        return cmd_signup_pending(args)
     crm = command_crm("signup", WRITERS)
     with database(args) as db:
         result = open_states(db, args, crm).run_signup(args.user_id, email=args.email, first_name=args.first_name,
@@ -98,7 +106,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.state in spec.diagram.finals:
         raise CliError(f"{args.state} is the final state of {args.machine}: nothing to resume")
     # A DB-failure state may hold results that need no CRM call: its CRM is asked for only when used.
-    needs = None if args.state in spec.db_failure_states else machine_crm(args.machine)
+    needs = None if args.state in spec.db_failure_states or not machine_crm(args.machine) else machine_crm(args.machine)
     crm = command_crm("resume", needs, f"to re-drive {args.machine} profiles in {args.state}")
     outcomes: Counter[str] = Counter()
     halted: Counter[str] = Counter()  # not re-driven: where they stand now

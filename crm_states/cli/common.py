@@ -4,6 +4,7 @@ embedded server), the CRM from the environment, argument types and the per-state
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 import sys
@@ -181,6 +182,8 @@ WRITERS = ("SALESFORCE", "NATIONBUILDER", "LOG", "NONE")
 MACHINE_CRM: Mapping[str, tuple[str, ...]] = {
     "nb_profile_validation": READ_NEEDS["find_app_users_by_nationbuilder_ids"],
     "sync_sustainers": READ_NEEDS["get_sustainers"],
+    "reconcile_by_email": READ_NEEDS["lookup_app_users_by_emails"],
+    "retire_nb_ids": (),  # no CRM call
 }
 
 
@@ -290,3 +293,13 @@ def seconds(text: str) -> float:
 
 def share(text: str) -> float:
     return _finite(text, "a share between 0 and 1", lambda v: 0.0 <= v <= 1.0)
+
+
+def when(text: str) -> dt.datetime:
+    """An ISO 8601 date or date and time (UTC unless it says otherwise), as an aware datetime."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 date such as 2026-01-31 or 2026-01-31T12:00, "
+                                         f"got {text[:40]!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)

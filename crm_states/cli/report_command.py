@@ -137,7 +137,10 @@ def _check_page_outputs(args: argparse.Namespace) -> None:
     html, prometheus = getattr(args, "html", None), getattr(args, "prometheus", None)
     if html is None and prometheus is None:
         return
-    from ..diagram_svg import DotMissing, check_dot  # graphviz is imported only for --html
+    from ..diagram_svg import (  # graphviz is imported only for --html
+        DotMissing,
+        check_dot,
+    )
     from ..report_prometheus import PrometheusMissing, check_prometheus
     chosen = [flag for flag, on in (("--html", html is not None), ("--prometheus", prometheus is not None),
                                     ("--json", getattr(args, "json", False)),
@@ -164,7 +167,9 @@ def _run_csv(db: Database, machine: str, state: str, dest: str, out: TextIO) -> 
 def _run_html(db: Database, data: dict[str, list[StateRow]], dest: str, out: TextIO,
               drift: dict[str, int] | None) -> int:
     from ..diagram_svg import DotMissing
-    from ..report_html import write_html  # jinja2, graphviz and the template only when a page is asked for
+    from ..report_html import (
+        write_html,  # jinja2, graphviz and the template only when a page is asked for
+    )
 
     try:
         _write_to(dest, out, lambda f: write_html(db, data, f, drift=drift))

@@ -111,3 +111,17 @@ class CrmNotSupported(CrmConfigError):
         super().__init__(message)
         self.needs = needs
 
+
+
+def transient_error_text(error: object) -> bool:
+    """Whether a recorded error (``"ClassName: message"``, as ``engine.describe`` writes it) names
+    ``CrmTransientError`` or one of its subclasses: a failure worth trying again later."""
+    if not isinstance(error, str):
+        return False
+    names: set[str] = set()
+    todo: list[type] = [CrmTransientError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return error.partition(":")[0].strip() in names

@@ -58,10 +58,15 @@ class ExportRow:
 
 @attrs.frozen
 class ExportProblem:
-    """A line that could not be read as a row, and why (never the offending value itself)."""
+    """A line that could not be read as a row, and why (never the offending value itself).
+    ``nationbuilder_id`` is the line's NationBuilder id when that cell itself was readable, so a refused
+    App User can be filed under the id it belongs to; ``app_user_id`` the line's App User id when that cell
+    is a valid id (the problem then lies in another column)."""
 
     line: int
     detail: str
+    nationbuilder_id: int | None = None
+    app_user_id: str | None = None
 
 
 class SalesforceExport:
@@ -135,22 +140,25 @@ class SalesforceExport:
         if len(values) < width:
             return ExportProblem(line, f"{len(values)} values, fewer than the header's columns")
         cell = {name: values[i].strip() for name, i in self._columns.items()}
-        for name, value in cell.items():
-            problem = size_problem(value, name) or (_not_utf8(name) if _has_surrogates(value) else None)
-            if problem:
-                return ExportProblem(line, problem)
-        nationbuilder_id = _nationbuilder_id(cell[NATIONBUILDER_ID])
+        problems = {name: problem for name, value in cell.items()
+                    if (problem := size_problem(value, name) or (_not_utf8(name) if _has_surrogates(value) else None))}
+        nationbuilder_id = (_nationbuilder_id(cell[NATIONBUILDER_ID]) if NATIONBUILDER_ID not in problems
+                            else problems[NATIONBUILDER_ID])
+        app_user = cell[APP_USER_ID] or None
+        valid_app_user = app_user if app_user and not record_id_problem(app_user, self.app_user_key_prefix) else None
         if isinstance(nationbuilder_id, str):
-            return ExportProblem(line, nationbuilder_id)
+            return ExportProblem(line, nationbuilder_id, None, valid_app_user)
+        if problems:
+            return ExportProblem(line, next(iter(problems.values())), nationbuilder_id, valid_app_user)
         ids: dict[str, str | None] = {}
         for name, prefix in ((CONTACT_ID, CONTACT_KEY_PREFIX), (APP_USER_ID, self.app_user_key_prefix)):
             value = cell[name] or None
             problem = record_id_problem(value, prefix, what=name) if value is not None else None
             if problem:
-                return ExportProblem(line, problem)
+                return ExportProblem(line, problem, nationbuilder_id, valid_app_user)
             ids[name] = value
         if ids[CONTACT_ID] is None and ids[APP_USER_ID] is None:
-            return ExportProblem(line, f"neither a {CONTACT_ID} nor a {APP_USER_ID}")
+            return ExportProblem(line, f"neither a {CONTACT_ID} nor a {APP_USER_ID}")  # no record: no key
         return ExportRow(line, nationbuilder_id, ids[CONTACT_ID], ids[APP_USER_ID], cell[EMAIL] or None,
                          cell[SUSTAINER].casefold() == "active")
 

@@ -47,7 +47,9 @@ def crm_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> CrmC
     if crm_type == "SALESFORCE":
         base_url, client_id, client_secret = require(
             crm_type, "SALESFORCE_BASE_URL", "SALESFORCE_CLIENT_ID", "SALESFORCE_CLIENT_SECRET")
-        from .salesforce import SalesforceConnectionManager  # lazy: the other types must not need it
+        from .salesforce import (
+            SalesforceConnectionManager,  # lazy: the other types must not need it
+        )
 
         keywords: dict[str, Any] = {}
         if get("SALESFORCE_API_VERSION"):
@@ -96,6 +98,13 @@ class LazyCrm:
                     self._note(exc)
                     raise
             return self._crm
+
+    @property
+    def api_requests(self) -> int:
+        """The requests the CRM has sent: none while it was never built (a command that asked it nothing
+        must not need one configured just to count)."""
+        counted = getattr(self._crm, "api_requests", 0) if self._crm is not None else 0
+        return counted if isinstance(counted, int) else 0
 
     def _note(self, exc: CrmConfigError) -> None:
         if self.refusal is None:

@@ -8,6 +8,11 @@
 Django settings and MongoDB), ``users`` (emails to user ids through Django's user table).
 """
 
-from .mediator import CrmMediator, SalesforceNewsletterListRetrievalError, SpamMarking, SustainerSyncError
+from .mediator import (
+    CrmMediator,
+    SalesforceNewsletterListRetrievalError,
+    SpamMarking,
+    SustainerSyncError,
+)
 
 __all__ = ["CrmMediator", "SalesforceNewsletterListRetrievalError", "SustainerSyncError", "SpamMarking"]

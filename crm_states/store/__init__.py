@@ -3,7 +3,6 @@ layout): positions, history and claims in the project's own ``crm_positions`` co
 written into Sefaria's ``profiles`` documents; applying journal entries; drift and heal."""
 
 from .core import DUPLICATE_KEY, INDEX_BUILD_SECONDS, Store
-from .steps import Step
 from .documents import POSITIONS, PROFILES, position_key
 from .errors import (
                      ConcurrentTransition,
@@ -15,6 +14,7 @@ from .errors import (
 )
 from .heal import HealReport, heal
 from .journaled import chains
+from .steps import Step
 
 __all__ = ["Store", "Step", "StoreError", "StoreUnavailable", "ConcurrentTransition", "ProfileNotFound",
            "InputChanged", "ProfileGone", "HealReport", "heal", "chains", "position_key", "POSITIONS", "PROFILES",

@@ -97,6 +97,12 @@ class Store:
             _ensure_index(self.positions, [("machine", ASCENDING), ("profile_id", ASCENDING)])
             self._indexed = True
 
+    def ensure_profile_index(self, field: str) -> None:
+        """An ascending index on one field of Sefaria's profiles, unless one on that key exists (the email
+        reconciliation asks which profiles hold given App User ids, once per batch)."""
+        with pymongo.timeout(INDEX_BUILD_SECONDS):
+            _ensure_index(self.profiles, [(field, ASCENDING)])
+
     def _index(self) -> None:
         if not self._indexed:
             try:

@@ -7,7 +7,8 @@ One pass streams the positions that carry data, machine by machine in profile id
 merges them per profile, reads the profiles of each batch with one ``$in`` query and writes the fixes of
 the batch in one bulk. Where several machines set one field (an app user id from the signup and from the
 validation), the newest value wins. A record whose guard no longer holds (the profile's
-``nationbuilder_id`` changed since) is not asserted: that profile is due for validation again. A profile
+``nationbuilder_id`` changed since) is not asserted: that profile is due for validation again; a field
+removed on purpose (``ProfileData.removed``: the retired nationbuilder_id) still counts as it was. A profile
 that does not exist yet (a signup before Sefaria created the document) is counted as waiting and healed by
 a later pass. Idempotent: a second pass finds nothing.
 """
@@ -86,7 +87,7 @@ def _records_by_profile(store: Store, machines: Sequence[str], where: Mapping[st
             yield current, records  # type: ignore[misc]
             records = {}
         current = profile_id
-        if not data.empty:
+        if not data.empty or data.removed:
             records[machine] = data
     if records and current is not None:
         yield current, records
@@ -109,7 +110,7 @@ def _heal_batch(store: Store, batch: Sequence[tuple[int, Mapping[str, ProfileDat
             for machine in records.keys() & counted:
                 report.waiting[machine] += 1
             continue
-        holding = {m: d for m, d in records.items() if _guard_holds(d, profile)}
+        holding = {m: d for m, d in records.items() if _guard_holds(d, _as_based(profile, records))}
         for machine in (records.keys() - holding.keys()) & counted:
             report.stale_inputs[machine] += 1
         sets, lines, superseded, drifted = _expected_changes(holding, profile)
@@ -139,6 +140,13 @@ def _heal_batch(store: Store, batch: Sequence[tuple[int, Mapping[str, ProfileDat
             bulk_update(store.profiles, pulls)
     except PyMongoError as exc:
         raise StoreUnavailable(f"heal: writing profiles: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def _as_based(profile: Mapping[str, Any], records: Mapping[str, ProfileData]) -> Mapping[str, Any]:
+    """The profile as records are judged against: a field some machine removed on purpose (the retired
+    nationbuilder_id) still counts with the value it held, unless the profile holds one again."""
+    removed = {name: value for data in records.values() for name, value in data.removed.items()}
+    return {**removed, **{k: v for k, v in profile.items() if v is not None}} if removed else profile
 
 
 def _guard_holds(data: ProfileData, profile: Mapping[str, Any]) -> bool:

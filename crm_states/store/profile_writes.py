@@ -1,10 +1,12 @@
 """Writing the machines' data into Sefaria's ``profiles`` documents, and only that.
 
-A profile write sets fields (``sf_app_user_id``, ``is_sustainer``) and adds one ``CrmLog`` line per
-finding: the newest line of a finding replaces older lines of the same finding, and an older one is not
-added at all, so replays and resumes in any order leave one line per finding. The write is guarded by the
-inputs its outcome was computed from (``ProfileWrite.guard``): when the profile no longer holds them, or is
-gone, nothing is written and the caller is told which.
+A profile write sets fields (``sf_app_user_id``, ``is_sustainer``), removes fields (the retirement of
+``nationbuilder_id``) and adds one ``CrmLog`` line per finding: the newest line of a finding replaces older
+lines of the same finding, and an older one is not added at all, so replays and resumes in any order leave
+one line per finding. The write is guarded by the inputs its outcome was computed from
+(``ProfileWrite.guard``) and by the compare-and-set of the fields it moves (``ProfileWrite.expect``: each
+still the value read, or already the value written): when the profile no longer holds them, or is gone,
+nothing is written and the caller is told which.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ def merged_write(transitions: Iterable[Transition]) -> ProfileWrite | None:
         return writes[0]
     sets: dict[str, Any] = {}
     guard: dict[str, Any] = {}
+    expect: dict[str, Any] = {}
+    unset: dict[str, None] = {}
     for w in writes:
         sets.update(w.set)
         guard.update(w.guard)
+        unset.update(dict.fromkeys(w.unset))
+        expect.update({k: v for k, v in w.expect.items() if k not in expect})  # the first read is the read
     lines = [w.crm_log for w in writes if w.crm_log]
     return ProfileWrite(set=sets, crm_log=lines[-1] if lines else None, guard=guard,
-                        requires_profile=any(w.requires_profile for w in writes))
+                        requires_profile=any(w.requires_profile for w in writes), unset=tuple(unset), expect=expect)
 
 
 def crm_log_change(line: str | None, known: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -65,9 +71,30 @@ def update_of(write: ProfileWrite, known: Sequence[str]) -> tuple[dict[str, Any]
     update: dict[str, Any] = {}
     if write.set:
         update["$set"] = dict(write.set)
+    if write.unset:
+        update["$unset"] = dict.fromkeys(write.unset, "")
     if line:
         update["$addToSet"] = {"CrmLog": line}
     return (update or None), superseded
+
+
+def condition_of(write: ProfileWrite) -> dict[str, Any]:
+    """The filter a write is applied under: its guard, and each expected field holding the value read or
+    already the value written (``None`` matches an absent field, as MongoDB reads it)."""
+    condition = dict(write.guard)
+    for field, read in write.expect.items():
+        allowed = _allowed(write, field, read)
+        condition[field] = allowed[0] if len(allowed) == 1 else {"$in": allowed}
+    return condition
+
+
+def _allowed(write: ProfileWrite, field: str, read: Any) -> list[Any]:
+    target = write.target(field)
+    return [read] if _same(read, target) else [read, target]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
 
 
 def apply_writes(profiles: Collection, planned: Sequence[PlannedWrite]) -> list[str | StoreUnavailable]:
@@ -81,7 +108,7 @@ def apply_writes(profiles: Collection, planned: Sequence[PlannedWrite]) -> list[
         update, superseded = update_of(item.write, item.known)
         if update is None:  # nothing newer than what the profile was given before
             continue
-        ops.append(({"id": item.profile_id, **dict(item.write.guard)}, update))
+        ops.append(({"id": item.profile_id, **condition_of(item.write)}, update))
         owners.append(i)
         if superseded:
             pulls.append(({"id": item.profile_id}, {"$pull": {"CrmLog": {"$in": superseded}}}))
@@ -125,8 +152,8 @@ def _run(profiles: Collection, ops: Sequence[tuple[dict[str, Any], dict[str, Any
 
 def _classify(profiles: Collection, items: Sequence[PlannedWrite], indexes: Sequence[int],
               results: list[str | StoreUnavailable]) -> None:
-    """Tell a profile that moved on (guard values differ) from one that is absent, by one read."""
-    fields = {name for item in items for name in item.write.guard}
+    """Tell a profile that moved on (guard or expected values differ) from one that is absent, by one read."""
+    fields = {name for item in items for name in [*item.write.guard, *item.write.expect]}
     try:
         found = {doc["id"]: doc for doc in profiles.find({"id": {"$in": [item.profile_id for item in items]}},
                                                           {"_id": 0, "id": 1, **{f: 1 for f in fields}})}
@@ -138,7 +165,9 @@ def _classify(profiles: Collection, items: Sequence[PlannedWrite], indexes: Sequ
         doc = found.get(item.profile_id)
         if doc is None:
             results[i] = ABSENT
-        elif any(doc.get(name, _MISSING) != value for name, value in item.write.guard.items()):
+        elif any(doc.get(name, _MISSING) != value for name, value in item.write.guard.items()) or any(
+                not any(doc.get(name) == value for value in _allowed(item.write, name, read))
+                for name, read in item.write.expect.items()):
             results[i] = CHANGED
 
 

@@ -133,6 +133,8 @@ def test_hostile_rows_are_refused_with_their_row_numbers(fake, make_client):
     details = [d for _, d in page.rejected]
     assert "key prefix is not a0A" in details[0] and "not a Salesforce record id" in details[1]
     assert "1,500 characters" in details[2] and "8" * 20 not in details[2] and "2 values for 3" in details[3]
+    # What is kept of each refused row: the columns that pass the checks, its Id only when that is valid.
+    assert page.rejected_values == ({NB: "6", EMAIL: "b@x"}, {NB: "7", EMAIL: "c@x"}, {"Id": good, EMAIL: "d@x"}, {})
     fake.inject(csv_page('"Id"\n"' + "x" * 200_000 + '"\n'), kind="bulk_results")
     with pytest.raises(CrmError, match="not valid CSV"):
         next(client.bulk_query_pages(job.id))

@@ -119,6 +119,14 @@ def test_bad_lines_are_reported_by_number_without_stopping(tmp_path):
     assert "whole number" in problems[6] and "whole number" in problems[7] and "out of range" in problems[8]
     assert "neither" in problems[9] and "fewer than the header" in problems[10]
     assert "not valid CSV" in problems[12] and "not UTF-8" in problems[13]
+    # A refused line still names its NationBuilder id when that cell was readable, so the refusal can be
+    # filed under the profile it concerns; never when the id itself is the problem, the line names no record or
+    # cannot be read.
+    keys = {i.line: i.nationbuilder_id for i in items if isinstance(i, ExportProblem)}
+    assert keys == {3: 123, 4: 123, 5: 123, 6: None, 7: None, 8: None, 9: None, 10: None, 12: None, 13: 123, 14: None}
+    # ... and its App User id when that cell is a valid id (the problem lies in another column).
+    app_users = {i.line for i in items if isinstance(i, ExportProblem) and i.app_user_id == APP_USER}
+    assert app_users == {3, 5, 6, 7, 8, 13}
     with open_export(path) as export:
         assert sum(1 for _ in export) == 14 and (export.rows, export.problems) == (3, 11)
 
@@ -133,7 +141,8 @@ def test_the_app_user_prefix_is_checked_when_known(tmp_path):
     path = write(tmp_path / "r.csv", HEADER, [row(app_user=salesforce_id("a0B", 3))])
     assert isinstance(read(path)[0], ExportRow)
     [problem] = read(path, app_user_key_prefix="a0A")
-    assert problem == ExportProblem(2, f"{APP_USER_ID} is not an id of the expected object (its key prefix is not a0A)")
+    assert problem == ExportProblem(2, f"{APP_USER_ID} is not an id of the expected object (its key prefix is not a0A)",
+                                    nationbuilder_id=123, app_user_id=None)
 
 
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)

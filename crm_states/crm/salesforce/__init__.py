@@ -8,7 +8,13 @@ packed lookups), ``creates`` (app users without duplicates), ``bulk`` (Bulk API 
 from .bulk import BulkJob, BulkPage
 from .client import SalesforceConnectionManager
 from .creates import SETTLE_FIRST_WAIT, SETTLE_MAX_WAIT
-from .schema import MAX_COMPOSITE, MAX_REQUEST_BYTES, MAX_SOQL_CHARS, SalesforceSchema, soql_quote
+from .schema import (
+    MAX_COMPOSITE,
+    MAX_REQUEST_BYTES,
+    MAX_SOQL_CHARS,
+    SalesforceSchema,
+    soql_quote,
+)
 from .transport import TokenCache
 
 __all__ = [

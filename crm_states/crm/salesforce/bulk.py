@@ -57,13 +57,17 @@ class BulkJob:
 class BulkPage:
     """One page of a job's results: its rows (CSV header -> text, ``""`` for null), the locator that
     fetched it (``None`` for the first) and the one for the next (``None`` after the last), and a
-    ``(row number, detail)`` for each row refused."""
+    ``(row number, detail)`` for each row refused. ``rejected_values`` holds, for each refused row in the
+    same order, the values of its columns that pass the checks (its ``Id`` only when that is a valid id;
+    nothing when the row has the wrong width), so a caller can file the refusal under the row's key, or see
+    that it concerned a column it does not need."""
 
     job_id: str
     locator: str | None
     next_locator: str | None
     rows: list[dict[str, str]]
     rejected: tuple[tuple[int, str], ...] = ()
+    rejected_values: tuple[dict[str, str], ...] = ()
 
 
 def app_users_soql(schema: SalesforceSchema) -> str:
@@ -86,7 +90,11 @@ class BulkQueries:
         return job
 
     def status(self, job_id: str) -> BulkJob:
-        return self._job(json_object(self._call("GET", job_id, "")))
+        """One poll; the job's ``errorMessage`` comes back redacted and shortened, fit for a detail."""
+        job = self._job(json_object(self._call("GET", job_id, "")))
+        if job.error_message:
+            job = attrs.evolve(job, error_message=short(self.http.redact(job.error_message), 300))
+        return job
 
     def wait(self, job_id: str, *, timeout: float = 3600.0) -> BulkJob:
         """Poll until the job completes. Time counts on the wall clock or as the waits asked of
@@ -122,8 +130,8 @@ class BulkQueries:
             if nxt is not None and size_problem(nxt, "Sforce-Locator"):
                 raise CrmError(f"salesforce bulk job {job_id}: refused a locator over {MAX_VALUE_CHARS} characters")
             next_locator = None if nxt in (None, "", "null") else nxt
-            rows, rejected = _parse(response.content, key_prefix)
-            yield BulkPage(job_id, locator, next_locator, rows, rejected)
+            rows, rejected, values = _parse(response.content, key_prefix)
+            yield BulkPage(job_id, locator, next_locator, rows, rejected, values)
             if next_locator is None:
                 return
             locator = next_locator
@@ -156,8 +164,10 @@ class BulkQueries:
                        message if isinstance(message, str) else None)
 
 
-def _parse(content: bytes, key_prefix: str | None) -> tuple[list[dict[str, str]], tuple[tuple[int, str], ...]]:
-    """Rows of one CSV page; a row with a bad ``Id``, an oversized value or the wrong width is refused."""
+def _parse(content: bytes, key_prefix: str | None) -> tuple[list[dict[str, str]], tuple[tuple[int, str], ...],
+                                                              tuple[dict[str, str], ...]]:
+    """Rows of one CSV page; a row with a bad ``Id``, an oversized value or the wrong width is refused
+    (with the values of its other columns that pass the size check)."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
@@ -168,6 +178,7 @@ def _parse(content: bytes, key_prefix: str | None) -> tuple[list[dict[str, str]]
         raise CrmError("salesforce bulk: a results page has no header row")
     rows: list[dict[str, str]] = []
     rejected: list[tuple[int, str]] = []
+    kept: list[dict[str, str]] = []
     id_column = header.index("Id") if "Id" in header else None
     try:
         width = len(header)
@@ -181,9 +192,12 @@ def _parse(content: bytes, key_prefix: str | None) -> tuple[list[dict[str, str]]
                 problem = record_id_problem(values[id_column], key_prefix)
             if problem:
                 rejected.append((number, problem))
+                kept.append({} if len(values) != width else
+                            {c: v for i, (c, v) in enumerate(zip(header, values))
+                             if not (size_problem(v, c) if i != id_column else record_id_problem(v, key_prefix))})
             else:
                 rows.append(dict(zip(header, values)))
     except csv.Error as exc:  # a field past the csv module's limit, a stray quote: the page is unusable
         raise CrmError(f"salesforce bulk: a results page is not valid CSV after row {len(rows) + len(rejected)}: "
                        f"{short(str(exc), 80)}") from None
-    return rows, tuple(rejected)
+    return rows, tuple(rejected), tuple(kept)

@@ -14,7 +14,14 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from ..errors import CrmError, CrmLimitExceeded, CrmOutcomeUnknown, CrmReadTimeout, CrmRejected, CrmTransientError
+from ..errors import (
+    CrmError,
+    CrmLimitExceeded,
+    CrmOutcomeUnknown,
+    CrmReadTimeout,
+    CrmRejected,
+    CrmTransientError,
+)
 from ..http import short
 from .answers import json_object, record_id_of
 from .transport import Transport

@@ -18,7 +18,12 @@ from typing import Any
 import attrs
 
 from ..checks import record_id_problem
-from ..errors import CrmBatchOutcomeUnknown, CrmError, CrmInvalidInput, CrmTransientError
+from ..errors import (
+    CrmBatchOutcomeUnknown,
+    CrmError,
+    CrmInvalidInput,
+    CrmTransientError,
+)
 from ..results import NewAppUser, RecordError, RecordResult
 from .schema import MAX_COLLECTION, SalesforceSchema, language
 from .transport import Transport

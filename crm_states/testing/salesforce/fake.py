@@ -42,6 +42,7 @@ from typing import Any
 import attrs
 
 from ..server import Faults, LoopbackServer, Reply, Request, json_reply
+from .bulk import BulkRoutes
 from .common import (
     API,
     BASE62,
@@ -54,7 +55,6 @@ from .common import (
     NOT_FOUND,
     sf_errors,
 )
-from .bulk import BulkRoutes
 from .composite import CompositeRoutes
 from .rest import RestRoutes
 from .sobjects import CollectionRoutes

@@ -11,6 +11,7 @@ import attrs
 from .common import salesforce_id, to_id18
 from .soql import match_key
 
+
 class Table:
     """One sObject's records by id, with dict indexes on its external-id fields (``external``: the
     fields an upsert or a retrieve by external id may name) and on its lookup fields (``indexed``)."""
