@@ -5,9 +5,10 @@ outage), in batches.
 Users come from a pluggable source (``crm_states.users``: Django's ``auth_user`` or the profiles). A user is
 the sweep's when no app user id is known for them (in the machines' records or on the profile) and their
 signup run is not finished (``new_user_signup.needs_signup``). Their runs are driven ``BATCH`` at a time
-through the signup machine, marked ``batch``: the write-ahead commit takes every run's claim, then one packed
-email lookup (an App User with that email is adopted) and one sObject Collections request create the rest
-(``machines/new_user_signup.py``). A SIGKILL at any instant loses nothing and creates nothing twice: the
+through the signup machine, marked ``batch``, ``LOOKUP_GROUP`` runs per drive: the write-ahead commit takes
+every run's claim, then one packed email lookup of the whole group (an App User with that email is adopted;
+one API request for 10,000 emails) and one sObject Collections request per ``batch_size`` users creates the
+rest (``machines/new_user_signup.py``): 100,000 users cost 10 lookups and 500 creates. A SIGKILL at any instant loses nothing and creates nothing twice: the
 next sweep meets the claimed runs of a dead driver and decides them from an email lookup.
 
 What it reports is what the database holds: a state is counted only for a commit it acknowledged, and how
@@ -33,12 +34,12 @@ from .progress import RunnerReport
 from .records import Position
 from .users import User, UserSource, Window, lang_of, source_from_env
 
-#: Runs per drive: one collections request (200 records) and one email lookup each.
+#: Users per sObject Collections create request (Salesforce's most, and the default).
 BATCH = signup.BATCH_RECORDS
+#: Runs per drive: what one packed email lookup holds (five query subrequests of 2,000 emails).
+LOOKUP_GROUP = 10_000
 #: Users read (positions and profiles in one query each) at a time.
 READ_CHUNK = 1000
-#: API requests one batch may cost: the email lookup and the create.
-BATCH_REQUESTS = 2
 
 
 @attrs.define
@@ -77,21 +78,24 @@ def sweep_signups(app: CrmStates, *, source: UserSource | None = None, window: W
     report = SweepReport(window=window, dry_run=dry_run)
     users = (source or source_from_env())(window, app=app)
     at_start = 0 if dry_run else _api_requests(app)  # a dry run asks the CRM nothing, not even its count
-    batch: list[tuple[User, Mapping[str, Any], Position]] = []
+    budget = _Budget(app, batch_size, max_api_calls, at_start)
+    group: list[tuple[User, Mapping[str, Any], Position]] = []
+    size = 0 if dry_run else budget.group_size(report)
     try:
         for pending in _pending(app, users, report, cutoff):
             if limit is not None and report.pending >= limit:
                 break
             report.pending += 1
-            if dry_run:
-                continue
-            batch.append(pending)
-            if len(batch) == batch_size:
-                if not _drive(app, batch, report, max_api_calls, at_start):
+            if dry_run or report.stopped:
+                continue  # counted, so the report says how many are left
+            group.append(pending)
+            if len(group) == size:
+                if not _drive(app, group, batch_size, report):
                     break
-                batch = []
-        if batch and not dry_run and not report.stopped:
-            _drive(app, batch, report, max_api_calls, at_start)
+                group = []
+                size = budget.group_size(report)
+        if group and not report.stopped:
+            _drive(app, group, batch_size, report)
     finally:
         report.api_requests = 0 if dry_run else _api_requests(app) - at_start
         report.seconds = time.monotonic() - started
@@ -129,20 +133,38 @@ def _has_app_user(profile: Mapping[str, Any] | None, *positions: Position | None
     return any(isinstance(v, str) and v for v in values)
 
 
-def _drive(app: CrmStates, batch: Sequence[tuple[User, Mapping[str, Any], Position]], report: SweepReport,
-           max_api_calls: int | None, at_start: int) -> bool:
-    """One batch through the machine; False when the run must stop (the API budget or limit)."""
-    if max_api_calls is not None and _api_requests(app) - at_start + BATCH_REQUESTS > max_api_calls:
-        report.stopped = f"--max-api-calls {max_api_calls} reached"
-        return False
+@attrs.define
+class _Budget:
+    """How many users the next drive may take: a whole ``LOOKUP_GROUP``, or under ``--max-api-calls`` what
+    the requests left pay for (its lookup, then one create request per ``batch_size`` users)."""
+
+    app: CrmStates
+    batch_size: int
+    max_api_calls: int | None
+    at_start: int
+
+    def group_size(self, report: SweepReport) -> int:
+        most = LOOKUP_GROUP - LOOKUP_GROUP % self.batch_size
+        if self.max_api_calls is None:
+            return most
+        creates = self.max_api_calls - (_api_requests(self.app) - self.at_start) - 1
+        if creates < 1:
+            report.stopped = f"--max-api-calls {self.max_api_calls} reached"
+            return 0
+        return min(most, creates * self.batch_size)
+
+
+def _drive(app: CrmStates, group: Sequence[tuple[User, Mapping[str, Any], Position]], batch_size: int,
+           report: SweepReport) -> bool:
+    """One group through the machine; False when the run must stop (the API limit)."""
     engine = app.engine(signup.NAME)
     runs = [engine.prepare(profile, position, restart=position.state in signup.SPEC.terminal,
                            inputs={"email": user.email, "first_name": user.first_name, "last_name": user.last_name,
                                    "lang": user.lang or lang_of(dict(profile)), "educator": user.educator,
-                                   "batch": True})
-            for user, profile, position in batch]
+                                   "batch": batch_size})
+            for user, profile, position in group]
     results = engine.drive(runs)
-    report.batches += 1
+    report.batches += -(-len(group) // batch_size)
     report.counts.add(results)
     done = [r.profile_id for r in results if r.finished and r.persisted and r.state == "WroteSalesforceAppUserUid"]
     for position in app.store.positions_of(signup.NAME, done).values():

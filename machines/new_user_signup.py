@@ -13,7 +13,8 @@ recorded in the position's data and reaches the profile with ``heal`` once Sefar
 
 Batched signups (``crm-states signup --pending``, ``crm_states.sweep``) mark their runs ``batch``: those runs'
 creates go out together, in sObject Collections requests of up to 200 records (``create_app_users``, one API
-request each, ``allOrNone: false``), after ONE packed lookup of the batch's emails (users migrated from
+request each, ``allOrNone: false``), after ONE packed lookup of all the emails driven together (the sweep
+drives up to 10,000 runs at once: one composite request of five 2,000-email queries; users migrated from
 NationBuilder without an id already have an App User, which carries no external id): an App User with that
 email is adopted, several are a failure (never a create). Each record's own answer is its run's outcome; a
 request whose answer is lost ends its runs "outcome unknown", never re-sent blindly. The write-ahead commit
@@ -47,8 +48,8 @@ def user_created(run: Run, crm: Any) -> Outcome:
         value = run.inputs.get(field, run.profile.get(field, run.prior.get("request", {}).get(field)))
         if value is not None:
             request[field] = value
-    batch = bool(run.inputs.get("batch", run.prior.get("batch")))
-    return Outcome("RequestAddToSalesforce", {"request": request, **({"batch": True} if batch else {})})
+    batch = run.inputs.get("batch", run.prior.get("batch"))  # True, or the records per create request
+    return Outcome("RequestAddToSalesforce", {"request": request, **({"batch": batch} if batch else {})})
 
 
 def _valid_request(run: Run) -> dict[str, Any]:
@@ -155,7 +156,13 @@ def _adopted_outcomes(runs: list[Run], crm: CrmConnectionManager) -> dict[int, O
 
 
 def _request(run: Run) -> dict[str, Any]:
-    return {"request": run.detail.get("request") or {}, "batch": True}
+    return {"request": run.detail.get("request") or {}, "batch": run.detail.get("batch") or True}
+
+
+def _records_per_request(sending: list[tuple[Run, dict[str, Any]]]) -> int:
+    """The batch size the sweep asked for (its runs record it), else Salesforce's most."""
+    asked = sending[0][0].detail.get("batch") if sending else None
+    return asked if type(asked) is int and 1 <= asked <= BATCH_RECORDS else BATCH_RECORDS
 
 
 def _batch_outcomes(runs: list[Run], crm: CrmConnectionManager, *, look_up: bool,
@@ -209,11 +216,13 @@ def _email_outcome(run: Run, matches: Matches) -> Outcome:
 
 
 def _create(sending: list[tuple[Run, dict[str, Any]]], crm: Any) -> dict[int, Outcome]:
-    """One collections request per ``BATCH_RECORDS`` runs; each record's answer is its run's outcome."""
+    """One collections request per batch of runs (at most ``BATCH_RECORDS``); each record's answer is its
+    run's outcome."""
     decided: dict[int, Outcome] = {}
     sent = False
-    for start in range(0, len(sending), BATCH_RECORDS):
-        chunk = sending[start:start + BATCH_RECORDS]
+    size = _records_per_request(sending)
+    for start in range(0, len(sending), size):
+        chunk = sending[start:start + size]
         users = [NewAppUser(f["email"], f["first_name"], f["last_name"], f["lang"], f["educator"], run.profile_id)
                  for run, f in chunk]
         try:

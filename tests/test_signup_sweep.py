@@ -61,9 +61,9 @@ def test_missed_users_are_signed_up_in_batches_and_migrated_ones_adopted(db, fak
 
     report = sweep_signups(app, source=profile_users)
     assert (report.users_read, report.signed_up, report.pending, report.batches) == (450, 1, 449, 3)
-    assert fake.counts["collection_create"] == 3 and fake.counts["create"] == 1  # the one single signup
-    assert fake.counts["query"] == 3 + 1  # one packed email lookup per batch (+ the single signup's)
-    assert report.api_requests == 6
+    assert fake.counts["collection_create"] == 2 and fake.counts["create"] == 1  # 398 created; the single signup
+    assert fake.counts["query"] == 1 + 1  # one packed email lookup for all of them (+ the single signup's)
+    assert report.api_requests == 3
     states = states_by_profile(db, signup.NAME)
     assert Counter(states.values()) == {"WroteSalesforceAppUserUid": 449, "WroteSalesforceErrorToDb": 1}
     assert report.counts.states == Counter(s for pid, s in states.items() if pid != 5)
@@ -210,8 +210,8 @@ def test_the_command_prints_what_the_database_holds(db, mongo_url, fake, tmp_pat
     dry = cli("--pending", "--dry-run")
     assert dry.returncode == 0 and "250 users would be signed up" in dry.stdout and fake.total_requests == 0
     env["CRM_TYPE"] = "SALESFORCE"
-    stopped = cli("--pending", "--max-api-calls", "3")
-    assert stopped.returncode == 4 and "stopped: --max-api-calls 3 reached (2 API requests spent)" in stopped.stdout
+    stopped = cli("--pending", "--max-api-calls", "2")  # pays for one lookup and one create of 200
+    assert stopped.returncode == 4 and "stopped: --max-api-calls 2 reached (2 API requests spent)" in stopped.stdout
     assert "200 of the 250 users found so far signed up" in stopped.stdout
     done = cli("--pending", "--older-than", "3600")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--pending sweeps every user with no app user id and no finished signup "
                                             "(a hook that never ran, a worker that died, an outage), read from "
                                             "CRM_STATES_USER_SOURCE (django, profiles or module:function), in "
-                                            "batches: one email lookup (an App User with that email is adopted) and "
-                                            "one sObject Collections create of up to 200 per batch. CRM: any "
+                                            "batches: one packed email lookup per 10,000 users (an App User with that "
+                                            "email is adopted) and one sObject Collections create per batch of up "
+                                            "to 200. CRM: any "
                                             "CRM_TYPE (NONE stores a dummy: placeholder id, LOG logs the create for "
                                             "load-log).")
     add_common(signup_cmd)
