@@ -84,6 +84,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+def settled(read: Callable[[], Any], *, quiet: float = 0.5, timeout: float = 60) -> Any:
+    """``read()`` once it gives the same answer twice ``quiet`` seconds apart: the server finishes the
+    writes a SIGKILLed client had already sent (a bulk write of a whole range) after the client is gone,
+    so what the database holds right after a kill is still moving."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 # --- invariants --------------------------------------------------------------------------------------
 
 @attrs.define

@@ -19,7 +19,8 @@ from crm_states.testing import Fault, FakeSalesforce
 from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 from tests.faults import states_by_profile
-from tests.reliability.checks import APP_USER, app_users_by, check_histories, cli_command, cli_env, record, wait_until
+from tests.reliability.checks import (APP_USER, app_users_by, check_histories, cli_command, cli_env, record, settled,
+                                      wait_until)
 from tests.snapshot_world import EXPECTED, SCHEMA_ENV, kind_of, seed_org, seed_profiles
 
 PROFILES = 3000
@@ -71,7 +72,7 @@ def test_snapshot_runs_killed_at_random_points_lose_nothing(db, mongo_url: str, 
     kills, seen = _kill_at_random_progress(command, env, progress, random.Random(20_261_201), tmp_path / "runs.log",
                                            steps=(2, 8))
     assert kills == KILLS, f"the run finished after {kills} kills"
-    before = Counter(states_by_profile(db, nb.NAME).values())
+    before = settled(lambda: Counter(states_by_profile(db, nb.NAME).values()))
     assert 0 < sum(before.values()) < PROFILES, before  # killed while loading and while joining
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout + final.stderr
@@ -111,7 +112,7 @@ def test_signup_sweeps_killed_at_random_points_create_each_app_user_once(db, mon
     kills, seen = _kill_at_random_progress(command, env, progress, random.Random(1_201), tmp_path / "sweeps.log",
                                            steps=(1, 4), after_kill=0.35)  # a create the kill cut still lands
     assert kills == KILLS, f"the sweep finished after {kills} kills"
-    before = Counter(states_by_profile(db, signup.NAME).values())
+    before = settled(lambda: Counter(states_by_profile(db, signup.NAME).values()))
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout + final.stderr
 
