@@ -8,7 +8,8 @@ function ``ids -> {id: User}``, called once per batch of ids:
 - ``django_users()``: Django's ``User`` model, one query per batch (``id__in``): what Sefaria uses;
 - ``profile_users(store)``: the profile documents' ``email`` and ``date_joined`` fields (tests, the demo,
   a Mongo-only copy);
-- ``default_users(store)``: Django's when Django is configured, else the profile documents'.
+- ``default_users(store)``: the one ``CRM_STATES_USER_SOURCE`` names (``django`` or ``profiles``, as for the
+  signup sweep); unset, Django's when Django is configured, else the profile documents'.
 
 Pass another to ``CrmStates.reconcile_by_email(users=...)`` to read them elsewhere.
 """
@@ -16,10 +17,13 @@ Pass another to ``CrmStates.reconcile_by_email(users=...)`` to read them elsewhe
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+
+from .users import SETTING
 
 
 @attrs.frozen
@@ -73,5 +77,18 @@ def django_configured() -> bool:
     return bool(settings.configured)
 
 
+def source_name() -> str:
+    """``django`` or ``profiles``, as ``CRM_STATES_USER_SOURCE`` says or by default; ``ValueError`` for a
+    setting this reader cannot follow (a function of your own is passed as ``users=`` instead: it reads by
+    id, where the sweep's walks every user)."""
+    name = (os.environ.get(SETTING) or "").strip()
+    if not name:
+        return "django" if django_configured() else "profiles"
+    if name not in ("django", "profiles"):
+        raise ValueError(f"{SETTING}={name[:80]!r}: reconcile-by-email reads users by id from django or profiles; "
+                         "pass a reader of your own as CrmStates.reconcile_by_email(users=...)")
+    return name
+
+
 def default_users(store: Any) -> UserSource:
-    return django_users() if django_configured() else profile_users(store)
+    return django_users() if source_name() == "django" else profile_users(store)

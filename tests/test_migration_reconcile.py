@@ -31,6 +31,12 @@ from tests.migration_seed import APP_USER, app_for
 UTC = dt.timezone.utc
 
 
+@pytest.fixture(autouse=True)
+def users_in_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests keep the users' emails in the profiles; Django may be configured by an earlier test."""
+    monkeypatch.setenv("CRM_STATES_USER_SOURCE", "profiles")
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeSalesforce]:
     with FakeSalesforce() as server:
@@ -167,3 +173,14 @@ def test_a_refused_write_is_journaled_replayed_and_resumed_and_heal_keeps_it(db,
     stale = {"id": 1, "email": "u1@example.org"}
     db.profiles.replace_one({"id": 1}, stale)  # Sefaria's stale save
     assert plain.heal().healed[reconcile.NAME] == 1 and db.profiles.find_one({"id": 1})["sf_app_user_id"] == found
+
+
+def test_the_user_source_setting_is_followed_and_a_function_there_refused(db, fake, monkeypatch) -> None:
+    fake.insert(APP_USER, {"Sefaria_App_Email__c": "one@example.org"})
+    db.profiles.insert_one({"id": 1, "email": "one@example.org"})
+    monkeypatch.setenv("CRM_STATES_USER_SOURCE", "tests.somewhere:users")
+    with pytest.raises(ValueError, match="reads users by id from django or profiles"):
+        app_for(db, fake).reconcile_by_email()
+    assert fake.total_requests == 0 and db[POSITIONS].count_documents({}) == 0
+    monkeypatch.setenv("CRM_STATES_USER_SOURCE", "profiles")
+    assert app_for(db, fake).reconcile_by_email().states == {"WroteSalesforceAppUserUid": 1}

@@ -14,6 +14,7 @@ from machines import retire_nb_ids as retire
 
 from ..progress import RunnerReport
 from ..retirement import Readiness, RetireReport, check_accept
+from ..user_emails import source_name
 from .common import (
     EXIT_LIMIT,
     EXIT_OK,
@@ -169,6 +170,10 @@ def _exit(run: RunnerReport, done: set[str]) -> int:
 
 def cmd_reconcile_by_email(args: argparse.Namespace) -> int:
     before = joined_before(args.joined_before)
+    try:
+        source_name()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     crm = command_crm("reconcile-by-email", None if args.dry_run else machine_crm(reconcile.NAME),
                       "to look App Users up by email")
     with database(args) as db:
