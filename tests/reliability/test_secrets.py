@@ -282,6 +282,6 @@ def test_the_sefaria_drop_in_leaks_no_secret(server: MongoServer, tmp_path: Path
     # Not vacuous: the echoes reached the records (redacted), the failures were logged, the sync failed.
     everything = "\n".join(texts.values())
     assert everything.count("***") >= 5 and "502" in texts["lists"] and len(errors) == 2
-    assert "authentication failed" in everything and "MONGO_PORT" in texts["exceptions"] and tokens
+    assert "authentication failed" in everything.lower() and "MONGO_PORT" in texts["exceptions"] and tokens
     record("6 secrets (Sefaria drop-in)", texts_searched=len(texts), mongo_documents=documents,
            tokens_issued=len(tokens), redactions_seen=everything.count("***"), leaks=0)
