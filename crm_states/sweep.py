@@ -4,12 +4,13 @@ outage), in batches.
 
 Users come from a pluggable source (``crm_states.users``: Django's ``auth_user`` or the profiles). A user is
 the sweep's when no app user id is known for them (in the machines' records or on the profile) and their
-signup run is not finished (``new_user_signup.needs_signup``). Their runs are driven ``BATCH`` at a time
-through the signup machine, marked ``batch``, ``LOOKUP_GROUP`` runs per drive: the write-ahead commit takes
-every run's claim, then one packed email lookup of the whole group (an App User with that email is adopted;
-one API request for 10,000 emails) and one sObject Collections request per ``batch_size`` users creates the
-rest (``machines/new_user_signup.py``): 100,000 users cost 10 lookups and 500 creates. A SIGKILL at any instant loses nothing and creates nothing twice: the
-next sweep meets the claimed runs of a dead driver and decides them from an email lookup.
+signup run is not finished (``new_user_signup.needs_signup``). Their runs are driven through the signup
+machine ``LOOKUP_GROUP`` at a time, marked ``batch``: the write-ahead commit takes every run's claim, then
+one packed email lookup of the whole group (an App User with that email is adopted; one API request for
+10,000 emails) and one sObject Collections request per ``batch_size`` users creates the rest
+(``machines/new_user_signup.py``): 100,000 users cost 10 lookups and 500 creates. A SIGKILL at any instant
+loses nothing and creates nothing twice: the next sweep meets the claimed runs of a dead driver and decides
+them from an email lookup.
 
 What it reports is what the database holds: a state is counted only for a commit it acknowledged, and how
 each app user came about (created, adopted by email, journaled) is read back from the positions.
