@@ -23,7 +23,8 @@ from typing import Any
 
 import attrs
 
-from .users import SETTING
+#: The setting ``crm_states.users`` reads for the sweep (not imported from there: it names ``api`` types).
+SETTING = "CRM_STATES_USER_SOURCE"
 
 
 @attrs.frozen
