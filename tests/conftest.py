@@ -1,7 +1,7 @@
 """Shared fixtures: a real MongoDB server as a separate process and a fresh database per test.
 
 One switch chooses the server for the whole run: ``pytest --backend secantus|mongod|mongod-rs``, or the
-environment variable ``CRM_STATES_TEST_BACKEND`` (the option wins; default ``secantus``). SecantusDB is
+environment variable ``CRM_STATES_TEST_BACKEND`` (the option wins; default ``mongod``, the faster). SecantusDB is
 a MongoDB wire-protocol server written in Python; ``mongod`` is a genuine MongoDB 6.0 standalone and
 ``mongod-rs`` the same as a single-node replica set. ``CRM_STATES_TEST_MONGO_URL`` points the shared
 database at a MongoDB of your own instead; tests that stop, kill, restart or fail-point their server
@@ -30,11 +30,11 @@ URL_ENV = "CRM_STATES_TEST_MONGO_URL"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--backend", choices=KINDS, default=None,
                      help=f"the database server of the run: {', '.join(KINDS)} "
-                          f"(default: ${BACKEND_ENV}, else secantus)")
+                          f"(default: ${BACKEND_ENV}, else mongod)")
 
 
 def backend_of(config: pytest.Config) -> str:
-    chosen = config.getoption("--backend") or os.environ.get(BACKEND_ENV) or "secantus"
+    chosen = config.getoption("--backend") or os.environ.get(BACKEND_ENV) or "mongod"
     if chosen not in KINDS:
         raise pytest.UsageError(f"{BACKEND_ENV}={chosen!r}: expected one of {', '.join(KINDS)}")
     return chosen
