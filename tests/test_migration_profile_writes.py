@@ -70,3 +70,19 @@ def test_the_data_forgets_a_removed_field_and_the_document_round_trips() -> None
     write = ProfileWrite(unset=["nationbuilder_id"], expect={"nationbuilder_id": " 7 "}, requires_profile=True)
     assert ProfileWrite.from_doc(write.to_doc()) == write and not write.empty
     assert ProfileWrite(expect={"sf_app_user_id": None}).empty  # a precondition alone writes nothing
+
+
+def test_writes_past_one_bulk_command_keep_each_profiles_own_result(db) -> None:
+    """More writes than one bulk command takes (``BULK_OPS``): each item's result is still its own."""
+    from crm_states.store.profile_writes import BULK_OPS
+
+    n = BULK_OPS * 2 + 5
+    held = {pid for pid in range(1, n + 1) if pid % 7 == 0}  # these already hold another App User
+    absent = {pid for pid in range(1, n + 1) if pid % 11 == 0} - held
+    db.profiles.insert_many([{"id": pid, **({"sf_app_user_id": "a0Yother"} if pid in held else {})}
+                             for pid in range(1, n + 1) if pid not in absent])
+    give = ProfileWrite(set={"sf_app_user_id": "a0X"}, expect={"sf_app_user_id": None}, requires_profile=True)
+    results = apply_writes(db.profiles, [PlannedWrite(pid, give) for pid in range(1, n + 1)])
+    expected = [CHANGED if pid in held else ABSENT if pid in absent else WRITTEN for pid in range(1, n + 1)]
+    assert results == expected
+    assert db.profiles.count_documents({"sf_app_user_id": "a0X"}) == n - len(held) - len(absent)

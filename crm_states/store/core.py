@@ -69,6 +69,8 @@ from .steps import Step
 log = logging.getLogger("crm_states.store")
 
 DUPLICATE_KEY = 11000
+#: Operations per bulk write command (a drive of the signup sweep holds 10,000 runs).
+BULK_OPS = 1000
 #: The deadline for building one index on a large collection.
 INDEX_BUILD_SECONDS = 900.0
 
@@ -208,7 +210,13 @@ class Store:
                 log.warning("could not take back %d CrmLog lines of refused steps: %s", len(pulls), type(exc).__name__)
 
     def _move(self, steps: Sequence[Step], todo: list[int], results: list[StoreError | None]) -> None:
-        """The position updates of the steps ``todo``, in one journaled bulk (one op: no bulk round trip)."""
+        """The position updates of the steps ``todo``, in journaled bulks of at most ``BULK_OPS`` (one op: no
+        bulk round trip), so that no single command of a large drive outlasts the socket timeout on a slow
+        server."""
+        for start in range(0, len(todo), BULK_OPS):
+            self._move_bulk(steps, todo[start:start + BULK_OPS], results)
+
+    def _move_bulk(self, steps: Sequence[Step], todo: list[int], results: list[StoreError | None]) -> None:
         if len(todo) == 1:
             i = todo[0]
             try:

@@ -126,9 +126,13 @@ def apply_writes(profiles: Collection, planned: Sequence[PlannedWrite]) -> list[
     return results
 
 
+#: Updates per bulk write command: no single command of a large drive outlasts the socket timeout.
+BULK_OPS = 1000
+
+
 def bulk_update(collection: Collection, ops: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
     """``update_one`` for one op (no bulk round trip on Sefaria's one-profile path), else one unordered
-    bulk; returns how many matched."""
+    bulk (callers keep it to ``BULK_OPS``); returns how many matched."""
     if len(ops) == 1:
         return collection.update_one(*ops[0]).matched_count
     return collection.bulk_write([UpdateOne(f, u) for f, u in ops], ordered=False).matched_count
@@ -136,18 +140,24 @@ def bulk_update(collection: Collection, ops: Sequence[tuple[dict[str, Any], dict
 
 def _run(profiles: Collection, ops: Sequence[tuple[dict[str, Any], dict[str, Any]]], owners: list[int],
          results: list[str | StoreUnavailable]) -> int:
-    """Send the updates; a failed one marks its item ``StoreUnavailable``. Returns how many matched."""
-    try:
-        return bulk_update(profiles, ops)
-    except BulkWriteError as exc:
-        for err in exc.details.get("writeErrors", []):
-            results[owners[err["index"]]] = StoreUnavailable(f"writing the profile: {str(err.get('errmsg', ''))[:200]}")
-        return int(exc.details.get("nMatched", 0))
-    except PyMongoError as exc:
-        error = StoreUnavailable(f"writing profiles: {type(exc).__name__}: {exc}"[:300])
-        for i in owners:
-            results[i] = error
-        return len(ops)
+    """Send the updates, ``BULK_OPS`` per command; a failed one marks its item ``StoreUnavailable``.
+    Returns how many matched (a command that failed whole counts as matched: nothing to classify)."""
+    matched = 0
+    for start in range(0, len(ops), BULK_OPS):
+        chunk = ops[start:start + BULK_OPS]
+        try:
+            matched += bulk_update(profiles, chunk)
+        except BulkWriteError as exc:
+            for err in exc.details.get("writeErrors", []):
+                results[owners[start + err["index"]]] = StoreUnavailable(
+                    f"writing the profile: {str(err.get('errmsg', ''))[:200]}")
+            matched += int(exc.details.get("nMatched", 0))
+        except PyMongoError as exc:
+            error = StoreUnavailable(f"writing profiles: {type(exc).__name__}: {exc}"[:300])
+            for i in owners[start:start + len(chunk)]:
+                results[i] = error
+            matched += len(chunk)
+    return matched
 
 
 def _classify(profiles: Collection, items: Sequence[PlannedWrite], indexes: Sequence[int],
