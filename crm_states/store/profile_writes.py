@@ -126,7 +126,8 @@ def apply_writes(profiles: Collection, planned: Sequence[PlannedWrite]) -> list[
     return results
 
 
-#: Updates per bulk write command: no single command of a large drive outlasts the socket timeout.
+#: Operations (or ids of an ``$in``) per command: no single command of a large drive (the signup sweep's
+#: are 10,000 runs) outlasts the socket timeout on a slow server.
 BULK_OPS = 1000
 
 
@@ -162,11 +163,14 @@ def _run(profiles: Collection, ops: Sequence[tuple[dict[str, Any], dict[str, Any
 
 def _classify(profiles: Collection, items: Sequence[PlannedWrite], indexes: Sequence[int],
               results: list[str | StoreUnavailable]) -> None:
-    """Tell a profile that moved on (guard or expected values differ) from one that is absent, by one read."""
+    """Tell a profile that moved on (guard or expected values differ) from one that is absent, by reads of
+    ``BULK_OPS`` ids."""
     fields = {name for item in items for name in [*item.write.guard, *item.write.expect]}
+    ids = [item.profile_id for item in items]
     try:
-        found = {doc["id"]: doc for doc in profiles.find({"id": {"$in": [item.profile_id for item in items]}},
-                                                          {"_id": 0, "id": 1, **{f: 1 for f in fields}})}
+        found = {doc["id"]: doc for start in range(0, len(ids), BULK_OPS)
+                 for doc in profiles.find({"id": {"$in": ids[start:start + BULK_OPS]}},
+                                          {"_id": 0, "id": 1, **{f: 1 for f in fields}})}
     except PyMongoError as exc:
         for i in indexes:
             results[i] = StoreUnavailable(f"reading profiles back: {type(exc).__name__}")
