@@ -23,8 +23,7 @@ from typing import Any
 
 import attrs
 
-#: The setting ``crm_states.users`` reads for the sweep (not imported from there: it names ``api`` types).
-SETTING = "CRM_STATES_USER_SOURCE"
+from .users import SETTING
 
 
 @attrs.frozen

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from .api import CrmStates
+    from .protocols import States
 
 SETTING = "CRM_STATES_USER_SOURCE"
 
@@ -53,7 +53,7 @@ class User:
 UserSource = Callable[..., Iterator[User]]
 
 
-def profile_users(window: Window, *, app: CrmStates) -> Iterator[User]:
+def profile_users(window: Window, *, app: States) -> Iterator[User]:
     """Users from the ``profiles`` documents that carry an email, in id order."""
     where: dict[str, Any] = {"email": {"$nin": [None, ""]}}
     joined = {k: _naive(v) for k, v in (("$gte", window.joined_after), ("$lt", window.joined_before)) if v is not None}
@@ -71,7 +71,7 @@ def profile_users(window: Window, *, app: CrmStates) -> Iterator[User]:
         cursor.close()
 
 
-def django_users(window: Window, *, app: CrmStates | None = None) -> Iterator[User]:
+def django_users(window: Window, *, app: States | None = None) -> Iterator[User]:
     """Users from Django's user model (Sefaria's ``auth_user``), in id order, 2,000 rows per fetch."""
     from django.contrib.auth import get_user_model  # only where Django is configured
 
