@@ -35,12 +35,12 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 from machines import nb_profile_validation as nb
 
 from . import metrics
+from .budget import BudgetedLookups
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
 from .progress import Progress, RunnerReport
 from .protocols import States as CrmStates
 from .records import Position
-from .spec import Halt
 from .store.documents import position_from_doc
 
 __all__ = ["ValidationRunner", "RunnerConfig", "RunnerReport", "Progress", "PROJECTION", "NB_FILTER", "pending_ids",
@@ -109,50 +109,6 @@ class LookupStrategy:
         """The API requests the CRM client has sent so far, as the CRM counts them."""
         counted = getattr(self.app.crm, "api_requests", None)
         return counted if isinstance(counted, int) else 0
-
-
-class BudgetedLookups:
-    """The CRM, with every batched lookup held to a budget of API requests: a lookup goes out only when the
-    requests spent, plus what the lookups in flight were allowed, leave room for what one lookup has cost so
-    far (one request, more where answers had further pages). Without room it waits for the lookups in flight
-    (their requests then all counted), and halts its batch, whose profiles stay pending, when none is left."""
-
-    def __init__(self, crm: Any, limit: int, spent: Callable[[], int]) -> None:
-        self.crm = crm
-        self.limit = limit
-        self.spent = spent
-        self._turn = threading.Condition()
-        self._at_start = spent()
-        self._reserved = 0
-        self._done = 0
-
-    def lookup_app_users_by_nationbuilder_ids(self, ids: Any) -> Any:
-        return self._within_budget(self.crm.lookup_app_users_by_nationbuilder_ids, ids)
-
-    def lookup_app_users_by_emails(self, emails: Any) -> Any:
-        return self._within_budget(self.crm.lookup_app_users_by_emails, emails)
-
-    def _within_budget(self, lookup: Callable[[Any], Any], keys: Any) -> Any:
-        with self._turn:
-            while True:
-                spent = self.spent() - self._at_start
-                cost = max(1, -(-spent // self._done) if self._done else 1)
-                if spent + self._reserved + cost <= self.limit:
-                    break
-                if not self._reserved:
-                    raise Halt(f"--max-api-calls {self.limit} reached")
-                self._turn.wait()
-            self._reserved += cost
-        try:
-            return lookup(keys)
-        finally:
-            with self._turn:
-                self._reserved -= cost
-                self._done += 1
-                self._turn.notify_all()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.crm, name)
 
 
 def pending_ids(app: CrmStates, *, after: int | None = None, batch_size: int = 1000) -> Iterator[int]:
