@@ -204,16 +204,20 @@ class CrmStates:
         engine = self.engine(name)
         result = engine.drive([engine.prepare(profile, restart=restart, inputs=inputs)])[0]
         for _ in range(3):  # another driver moved it, or holds it: go on from where it stands, or adopt its end
-            if result.outcome == "claimed" and not self._waited_for_holder(name, profile_id):
+            if result.outcome == "claimed" and not self._waited_for_holder(name, profile_id, result.state):
                 break
             if result.outcome not in ("conflict", "claimed"):
                 break
             result = engine.drive([engine.prepare(profile, inputs=inputs)])[0]
         return result
 
-    def _waited_for_holder(self, name: str, profile_id: int) -> bool:
-        """Wait up to ``claim_wait`` for the live driver holding the profile's run to move it; True if it did."""
-        seq = self.store.position(profile_id, name).seq
+    def _waited_for_holder(self, name: str, profile_id: int, claimed_at: str | None) -> bool:
+        """Wait up to ``claim_wait`` for the live driver holding the profile's run to move it from
+        ``claimed_at``, the state the claim was met in; True if it did (it may have done so already)."""
+        now = self.store.position(profile_id, name)
+        if now.state != claimed_at:
+            return True
+        seq = now.seq
         deadline = time.monotonic() + self.claim_wait
         while time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -5,6 +5,7 @@ Sefaria's whole-document saves, journal replay."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,59 @@ def test_two_writers_on_one_profile_exactly_one_wins(db, crm: InMemoryCrm) -> No
     assert len(crm.app_users) == 1 and len([c for c in crm.calls if c[0] == "add_user_to_crm"]) == 1
     assert_history_is_path(signup.SPEC, Store(db).history(8, signup.NAME))
     assert len({t.run_id for t in Store(db).history(8, signup.NAME)}) == 1
+
+
+class GatedCrm(InMemoryCrm):
+    """Holds the create inside the CRM until ``go`` is set, so its run keeps the write-ahead claim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def add_user_to_crm(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.inside.set()
+        self.go.wait(10)
+        return super().add_user_to_crm(*args, **kwargs)
+
+
+class HolderFinishesAfterTheClaimIsMet(Store):
+    """The second driver's first read after its take-over failed still sees the live claim; then, before
+    it reads again, the holder finishes: the window in which a waiter used to miss the move."""
+
+    def __init__(self, db, crm: GatedCrm, holder: list[threading.Thread]) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(db)
+        self.crm, self.holder, self.failed = crm, holder, threading.local()
+
+    def take_over(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        taken = super().take_over(*args, **kwargs)
+        self.failed.flag = taken is None
+        return taken
+
+    def position(self, profile_id: int, machine: str) -> Position:
+        seen = super().position(profile_id, machine)
+        if getattr(self.failed, "flag", False):
+            self.failed.flag = False
+            self.crm.go.set()
+            self.holder[0].join(10)
+        return seen
+
+
+def test_a_waiter_that_meets_a_claim_just_released_adopts_the_holders_end(db) -> None:
+    db.profiles.insert_one({"id": 9, "email": "window@example.org"})
+    crm, holder = GatedCrm(), []
+    app = CrmStates(store=HolderFinishesAfterTheClaimIsMet(db, crm, holder), crm=crm, claim_wait=30)
+    app.store.ensure_indexes()
+    first = []
+    holder.append(threading.Thread(target=lambda: first.append(app.run_signup(9))))
+    holder[0].start()
+    assert crm.inside.wait(10)
+    started = time.monotonic()
+    second = app.run_signup(9)
+    assert (first[0].outcome, first[0].state) == ("finished", "WroteSalesforceAppUserUid")
+    assert (second.outcome, second.state) == ("finished", "WroteSalesforceAppUserUid")
+    # It saw the holder had already moved instead of waiting out claim_wait for a move that had happened.
+    assert time.monotonic() - started < app.claim_wait
+    assert len([c for c in crm.calls if c[0] == "add_user_to_crm"]) == 1
 
 
 def test_a_crash_after_the_profile_write_is_simply_driven_again(app: CrmStates, db, crm: InMemoryCrm) -> None:
