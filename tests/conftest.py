@@ -7,10 +7,15 @@ a MongoDB wire-protocol server written in Python; ``mongod`` is a genuine MongoD
 database at a MongoDB of your own instead; tests that stop, kill, restart or fail-point their server
 still start a private one of the chosen kind (``mongo_server_factory``), and commands run without a
 URL use it as their embedded server (``CRM_STATES_EMBEDDED_SERVER``).
+
+The suite runs on pytest-xdist workers (``-n auto``: one per core, at most ``MAX_WORKERS``; ``-n 0`` runs it in
+this process), each with a server of its own. The reliability figures each worker recorded come back to the
+controller, which prints them at the end under "reliability figures".
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,9 +27,15 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from crm_states.testing.mongo import KINDS, MongoServer
+from crm_states.testing.processes import die_with_parent
+from tests.reliability.checks import RESULTS
 
 BACKEND_ENV = "CRM_STATES_TEST_BACKEND"
 URL_ENV = "CRM_STATES_TEST_MONGO_URL"
+#: Each worker runs its own database server and the tests' own servers and subprocesses: more than this
+#: many gains little on a shared machine and costs memory.
+MAX_WORKERS = 4
+FIGURES = "reliability_figures"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,6 +54,34 @@ def backend_of(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     # Commands the tests run without a URL (the demo, the embedded database) use the same kind of server.
     os.environ["CRM_STATES_EMBEDDED_SERVER"] = backend_of(config)
+    if hasattr(config, "workerinput"):  # an xdist worker: it and its servers end with the controller
+        die_with_parent()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand this worker's figures to the controller
+        workeroutput[FIGURES] = json.dumps(RESULTS, sort_keys=True, default=str)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    figures = getattr(node, "workeroutput", {}).get(FIGURES)
+    if figures:
+        for name, values in json.loads(figures).items():
+            RESULTS.setdefault(name, {}).update(values)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
+    if not RESULTS:
+        return
+    terminalreporter.section("reliability figures")
+    for name, figures in sorted(RESULTS.items()):
+        terminalreporter.write_line(f"{name}: {json.dumps(figures, sort_keys=True, default=str)}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

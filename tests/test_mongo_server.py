@@ -4,6 +4,7 @@ data directory that another live server holds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -153,6 +154,42 @@ def test_a_sigkilled_parent_takes_its_server_with_it(tmp_path: Path, backend: st
     assert (data / processes.SERVER_FILE).exists() and find_holder(data) is None
     with MongoServer(data, kind=backend) as again:
         assert MongoClient(again.url, serverSelectionTimeoutMS=20_000).admin.command("ping")["ok"] == 1
+
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    from crm_states.testing.mongo import MongoServer
+    from crm_states.testing.processes import die_with_parent
+    die_with_parent()  # what tests/conftest.py does in each pytest-xdist worker
+    server = MongoServer(sys.argv[1], kind=sys.argv[2]).start()
+    print(server.process.pid, flush=True)
+    time.sleep(120)
+""")
+CONTROLLER = textwrap.dedent("""
+    import subprocess, sys
+    worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], stdout=subprocess.PIPE, text=True)
+    print(worker.pid, worker.stdout.readline().strip(), flush=True)
+    worker.wait()
+""")
+
+
+def test_a_sigkilled_test_controller_takes_its_workers_and_their_servers_with_it(tmp_path: Path,
+                                                                                 backend: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, WORKER, str(tmp_path / "data"), backend],
+                                  env=env, text=True, stdout=subprocess.PIPE, start_new_session=True)
+    line = controller.stdout.readline()  # type: ignore[union-attr]
+    worker_pid, server_pid = map(int, line.split())
+    try:
+        assert alive(worker_pid) and alive(server_pid)
+        controller.kill()
+        controller.wait(10)
+        assert wait_gone(worker_pid), f"worker {worker_pid} outlived its SIGKILLed controller"
+        assert wait_gone(server_pid), f"server {server_pid} outlived the worker that started it"
+    finally:
+        for pid in (worker_pid, server_pid):  # a failed run leaves nothing behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_ctrl_c_on_the_parents_terminal_does_not_stop_the_server(tmp_path: Path, backend: str) -> None:

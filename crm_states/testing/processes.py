@@ -66,6 +66,15 @@ def spawn(args: Sequence[str], log: IO[bytes] | int) -> subprocess.Popen[bytes]:
                             start_new_session=True, preexec_fn=tie_to_parent)
 
 
+def die_with_parent() -> None:
+    """Have this process killed by SIGKILL when its parent ends (a pytest-xdist worker whose controller was
+    killed), so the servers it started, which die with it, go too, instead of running on until its test ends."""
+    parent = os.getppid()
+    _prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

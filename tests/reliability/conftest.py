@@ -3,19 +3,17 @@
 ``pytest -m reliability`` runs only this suite, ``pytest -m "not reliability"`` skips it, and plain
 ``pytest`` runs it too. Each test records the numbers of its run (kills, profiles, requests...) in
 ``checks.RESULTS``; they are printed at the end of the session under "reliability figures", which is
-where RELIABILITY.md takes its numbers from.
+where RELIABILITY.md takes its numbers from (``tests/conftest.py`` prints them, gathered from every worker).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from crm_states.testing import FakeSalesforce
-from tests.reliability.checks import RESULTS
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,14 +22,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.reliability)
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
-    if not RESULTS:
-        return
-    terminalreporter.section("reliability figures")
-    for name, figures in RESULTS.items():
-        terminalreporter.write_line(f"{name}: {json.dumps(figures, sort_keys=True, default=str)}")
 
 
 @pytest.fixture
