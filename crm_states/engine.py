@@ -95,7 +95,7 @@ class Engine:
         run.holds_claim = position.claim is not None and position.claim.by == run.token
         if position.state is None or (restart and position.state in self.spec.terminal):
             run.run_id = new_run_id(run.profile_id, position.seq + 1)
-            run.prior = dict(position.detail) if position.state else {}
+            run.prior = position.detail if position.state else {}  # read only: shared with the position
             run.state = self.spec.diagram.initial
             run.detail = {}
             run.pending.append(Transition(

@@ -181,11 +181,14 @@ class StateMachine:
         run: Run = event.model
         seq = run.pending[-1].seq if run.pending else run.position.seq
         kwargs = event.kwargs
+        # One copy, shared by the transition and the run: details are replaced, never changed in place, and
+        # a batch of 10,000 runs otherwise holds a second dict per transition until it is committed.
+        detail = dict(kwargs.get("detail") or {})
         run.pending.append(Transition(
             profile_id=run.profile_id, machine=self.name, run_id=run.run_id, seq=seq + 1,
             source=event.transition.source, dest=event.transition.dest, trigger=event.event.name,
-            at=kwargs["at"], detail=dict(kwargs.get("detail") or {}), write=kwargs.get("write"), by=run.token))
-        run.detail = dict(kwargs.get("detail") or {})
+            at=kwargs["at"], detail=detail, write=kwargs.get("write"), by=run.token))
+        run.detail = detail
 
     def fire(self, run: Run, dest: str, at: Any, detail: Mapping[str, Any] | None = None,
              write: ProfileWrite | None = None) -> None:
