@@ -58,11 +58,11 @@ from .errors import (
 from .journaled import apply_journaled
 from .profile_writes import (
     ABSENT,
-    BULK_OPS,
     CHANGED,
     PlannedWrite,
     apply_writes,
     bulk_update,
+    bulks,
     merged_write,
 )
 from .steps import Step
@@ -137,8 +137,8 @@ class Store:
         SecantusDB two minutes); profiles that never started are absent."""
         keys = [position_key(machine, pid) for pid in profile_ids]
         positions: dict[int, Position] = {}
-        for start in range(0, len(keys), BULK_OPS):
-            found = self.positions.find({"_id": {"$in": keys[start:start + BULK_OPS]}}, POSITION_FIELDS)
+        for some in bulks(keys):
+            found = self.positions.find({"_id": {"$in": some}}, POSITION_FIELDS)
             positions.update((doc["profile_id"], position_from_doc(doc)) for doc in found)
         return positions
 
@@ -214,8 +214,8 @@ class Store:
         """The position updates of the steps ``todo``, in journaled bulks of at most ``BULK_OPS`` (one op: no
         bulk round trip), so that no single command of a large drive outlasts the socket timeout on a slow
         server."""
-        for start in range(0, len(todo), BULK_OPS):
-            self._move_bulk(steps, todo[start:start + BULK_OPS], results)
+        for some in bulks(todo):
+            self._move_bulk(steps, some, results)
 
     def _move_bulk(self, steps: Sequence[Step], todo: list[int], results: list[StoreError | None]) -> None:
         if len(todo) == 1:

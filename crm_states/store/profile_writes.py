@@ -11,8 +11,8 @@ nothing is written and the caller is told which.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import attrs
 from pymongo import UpdateOne
@@ -130,6 +130,14 @@ def apply_writes(profiles: Collection, planned: Sequence[PlannedWrite]) -> list[
 #: are 10,000 runs) outlasts the socket timeout on a slow server.
 BULK_OPS = 1000
 
+T = TypeVar("T")
+
+
+def bulks(items: list[T]) -> Iterator[list[T]]:
+    """``items`` in slices of at most ``BULK_OPS``: one database command's worth each."""
+    for start in range(0, len(items), BULK_OPS):
+        yield items[start:start + BULK_OPS]
+
 
 def bulk_update(collection: Collection, ops: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
     """``update_one`` for one op (no bulk round trip on Sefaria's one-profile path), else one unordered
@@ -139,23 +147,22 @@ def bulk_update(collection: Collection, ops: Sequence[tuple[dict[str, Any], dict
     return collection.bulk_write([UpdateOne(f, u) for f, u in ops], ordered=False).matched_count
 
 
-def _run(profiles: Collection, ops: Sequence[tuple[dict[str, Any], dict[str, Any]]], owners: list[int],
+def _run(profiles: Collection, ops: list[tuple[dict[str, Any], dict[str, Any]]], owners: list[int],
          results: list[str | StoreUnavailable]) -> int:
     """Send the updates, ``BULK_OPS`` per command; a failed one marks its item ``StoreUnavailable``.
     Returns how many matched (a command that failed whole counts as matched: nothing to classify)."""
     matched = 0
-    for start in range(0, len(ops), BULK_OPS):
-        chunk = ops[start:start + BULK_OPS]
+    for chunk, chunk_owners in zip(bulks(ops), bulks(owners)):
         try:
             matched += bulk_update(profiles, chunk)
         except BulkWriteError as exc:
             for err in exc.details.get("writeErrors", []):
-                results[owners[start + err["index"]]] = StoreUnavailable(
+                results[chunk_owners[err["index"]]] = StoreUnavailable(
                     f"writing the profile: {str(err.get('errmsg', ''))[:200]}")
             matched += int(exc.details.get("nMatched", 0))
         except PyMongoError as exc:
             error = StoreUnavailable(f"writing profiles: {type(exc).__name__}: {exc}"[:300])
-            for i in owners[start:start + len(chunk)]:
+            for i in chunk_owners:
                 results[i] = error
             matched += len(chunk)
     return matched
@@ -168,9 +175,8 @@ def _classify(profiles: Collection, items: Sequence[PlannedWrite], indexes: Sequ
     fields = {name for item in items for name in [*item.write.guard, *item.write.expect]}
     ids = [item.profile_id for item in items]
     try:
-        found = {doc["id"]: doc for start in range(0, len(ids), BULK_OPS)
-                 for doc in profiles.find({"id": {"$in": ids[start:start + BULK_OPS]}},
-                                          {"_id": 0, "id": 1, **{f: 1 for f in fields}})}
+        found = {doc["id"]: doc for some in bulks(ids)
+                 for doc in profiles.find({"id": {"$in": some}}, {"_id": 0, "id": 1, **{f: 1 for f in fields}})}
     except PyMongoError as exc:
         for i in indexes:
             results[i] = StoreUnavailable(f"reading profiles back: {type(exc).__name__}")

@@ -56,23 +56,22 @@ def spawn(args: Sequence[str], log: IO[bytes] | int) -> subprocess.Popen[bytes]:
                                      "signal fires when the starting thread ends")
     prctl = _prctl()  # looked up before the fork: the child only calls it
     parent = os.getpid()
-
-    def tie_to_parent() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
     return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=tie_to_parent)
+                            start_new_session=True, preexec_fn=lambda: _die_with(parent, prctl))
+
+
+def _die_with(parent: int, prctl: ctypes._CFuncPtr) -> None:  # type: ignore[name-defined]
+    """Set SIGKILL as this process's parent-death signal, then exit at once if ``parent`` is already gone
+    (it died before the signal was set, and would never send it)."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def die_with_parent() -> None:
     """Have this process killed by SIGKILL when its parent ends (a pytest-xdist worker whose controller was
     killed), so the servers it started, which die with it, go too, instead of running on until its test ends."""
-    parent = os.getppid()
-    _prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
+    _die_with(os.getppid(), _prctl())
 
 
 def alive(pid: int) -> bool:
