@@ -4,17 +4,16 @@
   oldest and newest time a profile entered it, and for each failure state the design document's handling
   note (docs CRM.md, "Handling failure states");
 - ``--json``: the same data as one JSON document, ``machine -> state -> {count, oldest, newest, kind, note}``;
-- ``--state S --csv FILE``: the profiles now in S, streamed from a cursor into a CSV (``-``: stdout);
+- ``--state S --csv FILE``: the profiles now in S, streamed from a cursor into a CSV (``-``: stdout;
+  ``crm_states.report_profiles``, re-exported here);
 - ``--mermaid``: the machine's ``stateDiagram-v2`` with each state's count in its label.
 
 The counts and times come from ONE aggregation per machine over the project's ``crm_positions``
-(``$group`` by state, on the (machine, state, at) index); the CSV streams the profiles of a state in
-batches, joining each batch with Sefaria's ``profiles`` by one ``$in`` read.
+(``$group`` by state, on the (machine, state, at) index).
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import textwrap
@@ -27,6 +26,7 @@ from pymongo.database import Database
 from .api import MACHINES
 from .engine import StateMachine
 from .records import iso
+from .report_profiles import CSV_COLUMNS, export_csv, first_in_state  # noqa: F401  (report's API, stable)
 from .store import Store, heal
 
 # --- kinds of states --------------------------------------------------------------------------------
@@ -195,8 +195,6 @@ HALF_WAY_NOTE = ("A run stopped half-way (crash or outage): `crm-states resume -
 UNKNOWN_NOTE = ("Not a state of the current diagram (an older diagram's name?): the machine cannot continue "
                 "these profiles; look at them by hand.")
 
-CSV_COLUMNS = ("id", "nationbuilder_id", "email", "first_name", "last_name", "sf_app_user_id", "last_crm_log", "since")
-
 _STYLES = {FINAL: ("final", "fill:#d4edda,stroke:#28a745"),
            STOPPED: ("stopped", "fill:#fff3cd,stroke:#d39e00"),
            DB_FAILURE: ("dbfailure", "fill:#f8d7da,stroke:#dc3545")}
@@ -335,71 +333,9 @@ def mermaid_text(spec: StateMachine, rows: Iterable[StateRow], db_name: str = ""
     return "\n".join(lines) + "\n"
 
 
-def export_csv(db: Database, machine: str, state: str, out: TextIO, *, batch_size: int = 1000) -> int:
-    """Stream the profiles of ``machine`` now in ``state`` (oldest first) into ``out`` as CSV; returns the
-    number of profiles written. A profile Sefaria has not created (or deleted) still gets its row."""
-    store = Store(db)
-    projection = {"_id": 0, "id": 1, "nationbuilder_id": 1, "email": 1, "first_name": 1, "last_name": 1,
-                  "sf_app_user_id": 1, "CrmLog": {"$slice": -1}}
-    writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
-    n = 0
-    for rows in _batches(store.in_state(machine, state), batch_size):
-        profiles = {p["id"]: p for p in store.profiles.find({"id": {"$in": [r["id"] for r in rows]}}, projection)}
-        for row in rows:
-            profile = profiles.get(row["id"], {})
-            writer.writerow([_cell(row["id"]), _cell(profile.get("nationbuilder_id")), _cell(profile.get("email")),
-                             _cell(profile.get("first_name")), _cell(profile.get("last_name")),
-                             _cell(profile.get("sf_app_user_id")), _cell(_last_line(profile, row)),
-                             _cell(row.get("at"))])
-            n += 1
-    return n
-
-
-def first_in_state(db: Database, machine: str, state: str, limit: int) -> list[dict[str, Any]]:
-    """The ``limit`` profiles longest in ``state`` (oldest first), each ``{id, last_crm_log, since}``: what the
-    HTML report shows of a failure state. ``since`` is a datetime (or None), ``last_crm_log`` a string or None."""
-    if limit < 1:  # pymongo reads a limit of 0 as "no limit"
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    store = Store(db)
-    rows = list(store.in_state(machine, state, limit=limit))
-    profiles = {p["id"]: p for p in store.profiles.find({"id": {"$in": [r["id"] for r in rows]}},
-                                                        {"_id": 0, "id": 1, "CrmLog": {"$slice": -1}})}
-    return [{"id": r["id"], "last_crm_log": _last_line(profiles.get(r["id"], {}), r), "since": r.get("at")}
-            for r in rows]
-
-
-def _last_line(profile: Mapping[str, Any], row: Mapping[str, Any]) -> str | None:
-    """The profile's last ``CrmLog`` line; where Sefaria's save erased it, the run's own error detail."""
-    log = profile.get("CrmLog")
-    if isinstance(log, list) and log:
-        return str(log[-1])
-    error = (row.get("detail") or {}).get("error")
-    return str(error) if error else None
-
-
-def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _iso(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, dt.datetime):
-        return iso(value)
-    return str(value)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
     if isinstance(value, dt.datetime):
         return iso(value)
     return str(value)

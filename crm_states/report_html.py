@@ -4,7 +4,7 @@ Per machine: the diagram with each state's count (inline SVG from ``diagram_svg`
 oldest/newest entry and handling note, and for each failure state holding profiles the first few of them
 with the commands that export and resume them; optionally the drift ``crm-states heal`` measured. The
 page needs no network: CSS and SVG are inline, no script, no web font. Every figure comes from
-``report.collect`` (and ``report.first_in_state``), so the page says what the database holds.
+``report.collect`` (and ``report_profiles.first_in_state``), so the page says what the database holds.
 
 The template is Jinja2 with autoescaping: state names found only in the database, CrmLog lines and
 error texts are untrusted. The database is named by host and database name only, never by its URL.
@@ -25,7 +25,8 @@ from pymongo.database import Database
 from .api import MACHINES
 from .diagram_svg import COLOURS, diagram_svg
 from .records import iso, utcnow
-from .report import FAILURE_KINDS, MACHINE_NOTES, UNKNOWN, StateRow, first_in_state
+from .report import FAILURE_KINDS, MACHINE_NOTES, UNKNOWN, StateRow
+from .report_profiles import first_in_state
 
 FIRST_ROWS = 5  # profiles shown per failure state
 _CODE = re.compile(r"`([^`]+)`")

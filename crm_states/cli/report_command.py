@@ -14,15 +14,14 @@ from pymongo.database import Database
 
 from ..api import MACHINES
 from ..report import (
-    CSV_COLUMNS,
     StateRow,
     collect,
     drift_counts,
-    export_csv,
     mermaid_text,
     write_json,
     write_text,
 )
+from ..report_profiles import CSV_COLUMNS, export_csv
 from .common import EXIT_OK, CliError, database
 
 T = TypeVar("T")
