@@ -145,7 +145,11 @@ class ReconcileRunner(ValidationRunner):
         items = {pid: (positions.get(pid, Position()), email) for pid, email in chosen}
         return [profiles.get(pid) or {"id": pid} for pid, _ in chosen], items
 
-    def _drive(self, profiles: list[dict[str, Any]], items: Mapping[int, Any]) -> list[RunResult]:  # type: ignore[override]
+    def _range_lookups(self, profiles: list[dict[str, Any]], drives: int) -> None:
+        return None  # not NationBuilder ids: each drive makes its own lookups
+
+    def _drive(self, profiles: list[dict[str, Any]], items: Mapping[int, Any],  # type: ignore[override]
+               lookups: Any = None) -> list[RunResult]:
         # The lookups go through the run's budget (``--max-api-calls``), as the validation's do.
         context = reconcile.Context(self.lookup.context(), lambda ids: holders(self.app.store, ids))
         engine = self.app.engine(reconcile.NAME, context=context)

@@ -187,7 +187,11 @@ class RetirementRunner(ValidationRunner):
         chosen = sorted(items)[:count]
         return [items[pid][0] for pid in chosen], {pid: items[pid] for pid in chosen}
 
-    def _drive(self, profiles: list[dict[str, Any]], items: Mapping[int, Any]) -> list[RunResult]:  # type: ignore[override]
+    def _range_lookups(self, profiles: list[dict[str, Any]], drives: int) -> None:
+        return None  # the retirement asks the CRM nothing
+
+    def _drive(self, profiles: list[dict[str, Any]], items: Mapping[int, Any],  # type: ignore[override]
+               lookups: Any = None) -> list[RunResult]:
         engine = self.app.engine(retire.NAME)
         runs = [engine.prepare(p, items[p["id"]][1], restart=True, inputs=self._inputs(items[p["id"]][2]))
                 for p in profiles]

@@ -38,6 +38,7 @@ from . import metrics
 from .budget import BudgetedLookups
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
+from .lookups import RangeLookups
 from .progress import Progress, RunnerReport
 from .protocols import States as CrmStates
 from .records import Position
@@ -68,12 +69,21 @@ def _backoff(failure: int) -> float:
 
 @attrs.frozen
 class RunnerConfig:
+    """``chunk_size`` profiles are driven (held in memory, written) together; ``lookup_size`` profiles, a
+    range, are leased and looked up together (default: a chunk). Ranges are never narrower than a chunk."""
+
     chunk_size: int = 1000
+    lookup_size: int | None = None
     concurrency: int = 2
     limit: int | None = None
     dry_run: bool = False
     max_api_calls: int | None = None
     lease_seconds: float = 300.0
+
+    @property
+    def range_size(self) -> int:
+        """Pending profiles per leased range (and per lookup)."""
+        return max(self.chunk_size, self.lookup_size or self.chunk_size)
 
 
 class LookupStrategy:
@@ -97,6 +107,12 @@ class LookupStrategy:
         """Hold every lookup to ``max_api_calls`` API requests in all (``BudgetedLookups``)."""
         self.budget = None if max_api_calls is None else BudgetedLookups(self.app.crm, max_api_calls,
                                                                           self.api_requests)
+
+    def for_range(self, nationbuilder_ids: list[int], drives: int) -> Any:
+        """What the ``drives`` batches of one range ask: the context, or when the range takes several
+        batches and its lookups cost requests, one packed lookup of all the range's ids (``RangeLookups``)."""
+        context = self.context()
+        return RangeLookups(context, nationbuilder_ids) if drives > 1 and self.range_requests else context
 
     def prepare(self, runner: ValidationRunner, report: RunnerReport) -> bool:
         """Work before the ranges; False stops the run (``report.stopped`` says why)."""
@@ -190,9 +206,9 @@ class ValidationRunner:
 
     def _validate_ranges(self, first: int, last: int, pending: int, report: RunnerReport) -> None:
         span = (last - first + 1) if pending else 1
-        base, width = self.leases.agree_ranges(self.config.chunk_size, first if pending else 0,
-                                               max(self.config.chunk_size,
-                                                   round(self.config.chunk_size * span / max(pending, 1))))
+        size = self.config.range_size
+        base, width = self.leases.agree_ranges(size, first if pending else 0,
+                                               max(size, round(size * span / max(pending, 1))))
         if pruned := self.leases.prune():
             log.info("removed %d leases left by runners that died or expired", pruned)
         progress = self.make_progress(min(pending, self.config.limit or pending))
@@ -300,22 +316,50 @@ class ValidationRunner:
 
     def validate_chunk(self, where: Mapping[str, Any], count: int, report: RunnerReport,
                        progress: Progress) -> None:
-        """The per-chunk step: the pending profiles matching ``where`` (at most ``count``, in id order)
-        through one batched CRM lookup and bulk writes, counted into ``report``. Takes no lease: the
-        caller holds one (``run``) or relies on the store's compare-and-set (a Celery task)."""
+        """The per-range step: the pending profiles matching ``where`` (at most ``count``, in id order)
+        through one batched CRM lookup and bulk writes, driven ``chunk_size`` at a time, counted into
+        ``report``. Takes no lease: the caller holds one (``run``) or relies on the store's compare-and-set
+        (a Celery task)."""
         profiles, positions = self._outlasting_outages(lambda: self._read_chunk(where, count))
         if not profiles:
             return
-        results = self._drive(profiles, positions)
+        size = self.config.chunk_size
+        lookups = self._range_lookups(profiles, -(-len(profiles) // size))
+        shared = isinstance(lookups, RangeLookups)  # one lookup for the range, not one per batch
+        asked = False
+        for start in range(0, len(profiles), size):
+            if start and self._stop.is_set():
+                break  # the run stopped meanwhile (a limit): the rest of the range stays pending
+            results = self._drive_batch(profiles[start:start + size], positions, lookups)
+            asked = asked or any(r.outcome != "halted" for r in results)  # a halted batch asked nothing
+            self.record(results, report, progress, lookups=0 if shared else None)
+        if shared:
+            with self._lock:
+                report.lookups += asked
+
+    def _drive_batch(self, profiles: list[dict[str, Any]], positions: Mapping[int, Position],
+                     lookups: Any) -> list[RunResult]:
+        results = self._drive(profiles, positions, lookups)
         if any(r.outcome == "changed" for r in results):  # an input moved during the lookup: look again
             again = {r.profile_id for r in results if r.outcome == "changed"}
             fresh, fresh_positions = self._outlasting_outages(
                 lambda: self._read_chunk({"id": {"$in": sorted(again)}}, len(again)))
-            redone = {r.profile_id: r for r in self._drive(fresh, fresh_positions)} if fresh else {}
+            redone = {r.profile_id: r for r in self._drive(fresh, fresh_positions, lookups)} if fresh else {}
             # No longer pending when read again: its NationBuilder id was removed, or another driver did it.
             results = [redone.get(r.profile_id, RunResult(r.profile_id, r.state, "skipped", "no longer pending"))
                        if r.outcome == "changed" else r for r in results]
-        self.record(results, report, progress)
+        return results
+
+    def _range_lookups(self, profiles: list[dict[str, Any]], drives: int) -> Any:
+        """What the range's drives look their profiles up in (``LookupStrategy.for_range``); None: each
+        drive uses the strategy's context (a runner whose machine looks up something else)."""
+        ids = []
+        for profile in profiles:
+            try:
+                ids.append(nb.nationbuilder_id(profile))
+            except ValueError:
+                pass  # the machine records why (ScriptFailureLogged)
+        return self.lookup.for_range(ids, drives)
 
     def _read_chunk(self, where: Mapping[str, Any], count: int) -> tuple[list[dict[str, Any]], dict[int, Position]]:
         """The chunk's pending profiles (fresh, read after the lease was taken) and their positions."""
@@ -329,14 +373,17 @@ class ValidationRunner:
         pending = [p for p in candidates if not nb.validated_for(p, positions.get(p["id"], Position()))]
         return pending[:count], positions
 
-    def _drive(self, profiles: list[dict[str, Any]], positions: Mapping[int, Position]) -> list[RunResult]:
-        engine = self.app.engine(nb.NAME, context=self.lookup.context())
+    def _drive(self, profiles: list[dict[str, Any]], positions: Mapping[int, Position],
+               lookups: Any = None) -> list[RunResult]:
+        engine = self.app.engine(nb.NAME, context=self.lookup.context() if lookups is None else lookups)
         return engine.drive([engine.prepare(p, positions.get(p["id"], Position()), restart=True) for p in profiles])
 
-    def record(self, results: list[RunResult], report: RunnerReport, progress: Progress) -> None:
+    def record(self, results: list[RunResult], report: RunnerReport, progress: Progress, *,
+               lookups: int | None = None) -> None:
+        """Count a batch's results; ``lookups`` it made (default: one, unless the batch halted)."""
         metrics.runner_results(self.machine, results)
         with self._lock:
-            report.lookups += any(r.outcome != "halted" for r in results)  # a halted batch asked nothing
+            report.lookups += any(r.outcome != "halted" for r in results) if lookups is None else lookups
             done = report.add(results)
             if report.stopped:
                 self._stop.set()

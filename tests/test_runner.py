@@ -13,15 +13,18 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
+from pymongo import MongoClient, monitoring
 
 from crm_states.api import CrmStates
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager
+from crm_states.crm.results import Matches
 from crm_states.crm.salesforce import TokenCache
 from crm_states.leases import LEASES, RangeLeases
+from crm_states.lookups import RangeLookups
 from crm_states.owners import Holder
-from crm_states.store import POSITIONS
 from crm_states.runner import RunnerConfig, ValidationRunner
-from crm_states.testing import FakeSalesforce
+from crm_states.store import POSITIONS
+from crm_states.testing import FakeSalesforce, Fault
 from machines import nb_profile_validation as nb
 from tests.faults import assert_history_is_path, history_lengths, states_by_profile
 
@@ -205,11 +208,87 @@ def test_the_printed_figures_are_what_was_spent_and_what_the_database_holds(db, 
     env = {**os.environ, "MONGO_URL": mongo_url, "MONGO_DB": db.name, "CRM_TYPE": "SALESFORCE",
            "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
            "SALESFORCE_CLIENT_SECRET": fake.client_secret}
-    run = subprocess.run([sys.executable, "-m", "crm_states.cli", "validate-nb", "--max-api-calls", "2"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "crm_states.cli", "validate-nb", "--max-api-calls", "2",
+                          "--lookup-size", "1000"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 4, run.stdout + run.stderr
     held = db[POSITIONS].count_documents({"machine": nb.NAME})
     assert held == 2000 and f"{held} of 3000 pending profiles validated" in run.stdout
     assert "2 API requests, 2 batched lookups)" in run.stdout and fake.api_usage == 2
     assert "stopped: --max-api-calls 2 reached (2 API requests spent)" in run.stdout
     assert "in flight" not in run.stdout
+
+
+class PositionCommits(monitoring.CommandListener):
+    """How many operations each ``update`` command on ``crm_positions`` carried (what one drive held)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "update" and event.command.get("update") == POSITIONS:
+            self.sizes.append(len(event.command.get("updates", [])))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_a_range_is_looked_up_once_and_driven_a_chunk_at_a_time(db, mongo_url: str, fake: FakeSalesforce) -> None:
+    found = seed(db, fake, 2500)
+    commits = PositionCommits()
+    client = MongoClient(mongo_url, event_listeners=[commits])
+    try:
+        app = app_for(client[db.name], fake)
+        report = ValidationRunner(app, RunnerConfig(chunk_size=100, lookup_size=1000, concurrency=2)).run()
+    finally:
+        client.close()
+    assert_all_validated(db, found, 2500)
+    assert report.processed == 2500 and report.lookups == 3  # ranges of 1,000, 1,000 and 500
+    assert fake.counts["query"] == 3 and report.api_requests == fake.api_usage == 3
+    assert commits.sizes and max(commits.sizes) <= 100  # no drive held more than a chunk
+
+
+def test_a_failed_range_lookup_fails_its_first_batch_and_the_others_ask_for_themselves(db,
+                                                                                     fake: FakeSalesforce) -> None:
+    found = seed(db, fake, 300)
+    fake.inject(Fault.error(503), times=2, kind="query")  # both tries of the range's one lookup
+    report = ValidationRunner(app_for(db, fake), RunnerConfig(chunk_size=100, lookup_size=300, concurrency=1)).run()
+    states = states_by_profile(db, nb.NAME)
+    assert {states[pid] for pid in range(1, 101)} == {"WroteUnexpectedResponse"}
+    for pid in range(101, 301):
+        assert states[pid] == ("WroteSalesforceAppUserUid" if pid in found else "WroteNotFound"), pid
+    assert fake.counts["query"] == 4 and report.lookups == 1  # the range's two tries, then one per later batch
+
+
+def test_validate_nb_by_default_asks_ten_thousand_ids_in_one_request(db, mongo_url: str, fake: FakeSalesforce) -> None:
+    seed(db, fake, 3000)
+    env = {**os.environ, "MONGO_URL": mongo_url, "MONGO_DB": db.name, "CRM_TYPE": "SALESFORCE",
+           "SALESFORCE_BASE_URL": fake.url, "SALESFORCE_CLIENT_ID": fake.client_id,
+           "SALESFORCE_CLIENT_SECRET": fake.client_secret}
+    dry = subprocess.run([sys.executable, "-m", "crm_states.cli", "validate-nb", "--dry-run", "--chunk-size", "500"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert "a run would make about 1 batched lookups" in dry.stdout, dry.stdout + dry.stderr
+    run = subprocess.run([sys.executable, "-m", "crm_states.cli", "validate-nb", "--chunk-size", "500"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3000 of 3000 pending profiles validated" in run.stdout
+    assert "1 API requests, 1 batched lookups)" in run.stdout and fake.api_usage == 1
+    assert db[POSITIONS].count_documents({"machine": nb.NAME}) == 3000
+
+
+def test_range_lookups_ask_the_range_once_and_only_new_ids_after_it() -> None:
+    class Crm:
+        def __init__(self) -> None:
+            self.asked: list[list[int]] = []
+
+        def lookup_app_users_by_nationbuilder_ids(self, ids):
+            self.asked.append(sorted(ids))
+            return {key: Matches(key, (f"a0A{key:012d}",)) for key in ids if key % 2}
+
+    crm = Crm()
+    lookups = RangeLookups(crm, [1, 2, 3, 4])
+    assert set(lookups.lookup_app_users_by_nationbuilder_ids([1, 2])) == {1}
+    assert set(lookups.lookup_app_users_by_nationbuilder_ids([3, 4, 9])) == {3, 9}  # 9: its id changed meanwhile
+    assert crm.asked == [[1, 2, 3, 4], [9]]

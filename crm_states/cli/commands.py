@@ -57,8 +57,9 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
     needs = None if args.dry_run or args.from_export else machine_crm(nb.NAME)
     crm = command_crm("validate-nb", needs, "to look profiles up")
     lookup = lookup_for(args, crm)
-    config = RunnerConfig(chunk_size=args.chunk_size, concurrency=args.concurrency, limit=args.limit,
-                          dry_run=args.dry_run, max_api_calls=args.max_api_calls, lease_seconds=args.lease_seconds)
+    config = RunnerConfig(chunk_size=args.chunk_size, lookup_size=args.lookup_size, concurrency=args.concurrency,
+                          limit=args.limit, dry_run=args.dry_run, max_api_calls=args.max_api_calls,
+                          lease_seconds=args.lease_seconds)
     with database(args) as db:
         states = open_states(db, args, crm)
         report = ValidationRunner(states, config, lookup=lookup(states)).run()

@@ -49,7 +49,7 @@ def dry_run_line(report: RunnerReport, args: argparse.Namespace) -> str:
         body = ("read every App User with a NationBuilder id from one Bulk API query job (one request to start it, "
                 "one per poll and one per result page; a job a killed run left is reused)")
     else:
-        body = f"make about {-(-report.processed // args.chunk_size)} batched lookups"
+        body = f"make about {-(-report.processed // max(args.chunk_size, args.lookup_size))} batched lookups"
     return head + body + " (dry run: nothing claimed, sent or written)"
 
 

@@ -20,7 +20,7 @@ RUNNERS = 4
 def test_four_runner_processes_on_one_database(db, mongo_url: str, fake: FakeSalesforce, tmp_path: Path) -> None:
     found = seed_nb_profiles(db, fake, PROFILES)
     env = cli_env(mongo_url, db.name, fake, tmp_path / "journal.jsonl")
-    command = cli_command("validate-nb", "--chunk-size", "100", "--concurrency", "2")
+    command = cli_command("validate-nb", "--chunk-size", "100", "--lookup-size", "100", "--concurrency", "2")
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(RUNNERS)]
     outputs = [p.communicate(timeout=300) for p in processes]

@@ -218,7 +218,7 @@ def test_request_limit_exceeded_half_way_stops_cleanly_and_a_later_run_finishes(
     found = seed_nb_profiles(db, fake, 2000)
     env = cli_env(mongo_url, db.name, fake, tmp_path / "journal.jsonl")
     fake.daily_limit = fake.api_usage + 10  # ten lookups of the twenty, then REQUEST_LIMIT_EXCEEDED
-    first = cli(env, "validate-nb", "--chunk-size", "100", "--concurrency", "1")
+    first = cli(env, "validate-nb", "--chunk-size", "100", "--lookup-size", "100", "--concurrency", "1")
     assert first.returncode == 4, first.stdout + first.stderr
     assert first.stdout.startswith("1000 of 2000 pending profiles validated"), first.stdout
     assert "stopped: CRM API limit reached" in first.stdout and "REQUEST_LIMIT_EXCEEDED" in first.stdout
@@ -230,7 +230,7 @@ def test_request_limit_exceeded_half_way_stops_cleanly_and_a_later_run_finishes(
     assert db.crm_leases.count_documents({"owner": {"$exists": True}}) == 0
 
     fake.daily_limit = 100_000  # the next day
-    second = cli(env, "validate-nb", "--chunk-size", "100", "--concurrency", "1")
+    second = cli(env, "validate-nb", "--chunk-size", "100", "--lookup-size", "100", "--concurrency", "1")
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.startswith("1000 of 1000 pending profiles validated"), second.stdout
     check = check_histories(db, nb.SPEC)
