@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -56,8 +57,9 @@ def found(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def server(kind: str, work: Path) -> Iterator[MongoServer]:
-    started = MongoServer(work / f"db-{kind}", kind=kind, log_path=work / f"{kind}.log").start()
+def server(kind: str, work: Path, *, cache_gb: float = 1.0) -> Iterator[MongoServer]:
+    """A fresh server of ``kind``; ``cache_gb`` is mongod's WiredTiger cache (1 GB as in the tests)."""
+    started = MongoServer(work / f"db-{kind}", kind=kind, log_path=work / f"{kind}.log", cache_gb=cache_gb).start()
     try:
         yield started
     finally:
@@ -103,18 +105,36 @@ class RunnerRun:
 
 def run_cli(args: Sequence[str], env: dict[str, str]) -> RunnerRun:
     """``crm-states ARGS`` through the RSS wrapper, in a process group of its own (stopped whole)."""
+    return run_clis(args, env, 1)[0]
+
+
+def run_clis(args: Sequence[str], env: dict[str, str], count: int) -> list[RunnerRun]:
+    """``count`` copies of ``crm-states ARGS`` started together (runners sharing the work over leases), each
+    through the RSS wrapper in a process group of its own; each run's seconds are from the common start."""
     command = [*VIA_SH, sys.executable, "-c", WRAPPER, *args]
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True) for _ in range(count)]
+    outputs: list[tuple[str, str, float]] = [("", "", 0.0)] * count
+
+    def collect(index: int) -> None:
+        out, err = processes[index].communicate()
+        outputs[index] = (out, err, time.perf_counter() - started)
+
+    threads = [threading.Thread(target=collect, args=(i,), daemon=True) for i in range(count)]
     try:
-        out, err = process.communicate()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-        process.wait(timeout=30)
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            process.wait(timeout=30)
         raise
-    return RunnerRun(time.perf_counter() - started, subprocess.CompletedProcess(command, process.returncode, out, err))
+    return [RunnerRun(seconds, subprocess.CompletedProcess(command, process.returncode, out, err))
+            for process, (out, err, seconds) in zip(processes, outputs)]
 
 
 def check_validated(db: Database, n: int, app_users: dict[int, str]) -> tuple[Counter[str], list[str]]:

@@ -15,11 +15,12 @@ Per chunk of profiles, as the store commits a validated chunk (``crm_states/stor
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pymongo import UpdateOne
+from pymongo import MongoClient, UpdateOne
 from pymongo.database import Database
 from pymongo.write_concern import WriteConcern
 
@@ -66,12 +67,44 @@ def chunk_writes(ids: list[int], nb_id: Callable[[int], int], app_user: Callable
 def run_floor(db: Database, ids: list[int], chunk_size: int, nb_id: Callable[[int], int],
               app_user: Callable[[int], str | None]) -> float:
     """Seconds to make the writes of ``ids`` in chunks of ``chunk_size`` (the profiles must exist)."""
-    db.crm_positions.create_index([("machine", 1), ("state", 1), ("at", 1)])
-    db.crm_positions.create_index([("machine", 1), ("profile_id", 1)])
-    positions = db.crm_positions.with_options(write_concern=WriteConcern(j=True))
+    _indexes(db)
     started = time.perf_counter()
     for start in range(0, len(ids), chunk_size):
-        profile_ops, position_ops = chunk_writes(ids[start:start + chunk_size], nb_id, app_user, "floor")
-        db.profiles.bulk_write(profile_ops, ordered=False)
-        positions.bulk_write(position_ops, ordered=False)
+        _write_chunk(db, ids[start:start + chunk_size], nb_id, app_user)
     return time.perf_counter() - started
+
+
+def run_floor_parallel(url: str, db_name: str, ids: list[int], chunk_size: int, writers: int,
+                       nb_id: Callable[[int], int], app_user: Callable[[int], str | None]) -> float:
+    """``run_floor`` from ``writers`` forked processes, each with its own client, chunk k to writer k mod W."""
+    with MongoClient(url) as client:
+        _indexes(client[db_name])
+    global _JOB
+    _JOB = (url, db_name, ids, chunk_size, writers, nb_id, app_user)  # inherited by the forked writers
+    context = multiprocessing.get_context("fork")
+    started = time.perf_counter()
+    with context.Pool(writers) as pool:
+        pool.map(_writer, range(writers))
+    return time.perf_counter() - started
+
+
+_JOB: tuple[Any, ...] = ()
+
+
+def _writer(index: int) -> None:
+    url, db_name, ids, chunk_size, writers, nb_id, app_user = _JOB
+    with MongoClient(url) as client:
+        for start in range(index * chunk_size, len(ids), writers * chunk_size):
+            _write_chunk(client[db_name], ids[start:start + chunk_size], nb_id, app_user)
+
+
+def _indexes(db: Database) -> None:
+    db.crm_positions.create_index([("machine", 1), ("state", 1), ("at", 1)])
+    db.crm_positions.create_index([("machine", 1), ("profile_id", 1)])
+
+
+def _write_chunk(db: Database, ids: list[int], nb_id: Callable[[int], int],
+                 app_user: Callable[[int], str | None]) -> None:
+    profile_ops, position_ops = chunk_writes(ids, nb_id, app_user, "floor")
+    db.profiles.bulk_write(profile_ops, ordered=False)
+    db.crm_positions.with_options(write_concern=WriteConcern(j=True)).bulk_write(position_ops, ordered=False)

@@ -8,9 +8,10 @@ profiles (``--profiles``, default 100,000), and, each on a database of its own s
   profile write and the position upsert with its history, in bulks of ``--chunk-size``), with plain pymongo,
   no engine, no CRM, no reads. The runner's time is printed as a ratio of it: the ratio to drive down.
 - **runner** per mode (``--modes``, default ``rest`` and, when the CLI has it, ``snapshot``): ``crm-states
-  validate-nb`` as a subprocess (spawn to exit), its API requests as Salesforce counts them (the fake's
-  api-usage counter: the OAuth token is not one), its peak RSS, the server's CPU seconds meanwhile; then
-  every profile is checked against the seeding.
+  validate-nb`` as a subprocess (spawn to exit; with ``--runners K``, K of them started together, sharing
+  the ranges over leases, timed to the last exit), its API requests as Salesforce counts them (the fake's
+  api-usage counter: the OAuth token is not one), its peak RSS (the largest runner's), the server's CPU
+  seconds meanwhile; then every profile is checked against the seeding.
 - **naive** (sampled on ``--naive-sample`` profiles): per profile one GET by external id and one
   ``update_one``, sequentially, as the diagram literally reads; its rate is applied to N.
 
@@ -20,7 +21,11 @@ API requests per 1,000,000 by packed REST and <= 30 by snapshot; peak RSS <= 150
 Always exits 0: it is a benchmark, not a test.
 
     python benchmarks/validate_throughput.py [--profiles N] [--servers secantus,mongod] [--modes rest,snapshot]
-        [--naive-sample S] [--latency SECONDS] [--chunk-size C] [--concurrency K]
+        [--naive-sample S] [--latency SECONDS] [--chunk-size C] [--lookup-size L] [--concurrency K]
+        [--runners R] [--mongod-cache-gb G]
+
+``--mongod-cache-gb`` sets mongod's WiredTiger cache (default 1, as in the tests; mongod's own default on
+this 24 GB machine would be 11.5).
 """
 
 from __future__ import annotations
@@ -46,13 +51,13 @@ from bench_common import (
     cli_env,
     client_for,
     nb_id,
-    run_cli,
+    run_clis,
     seed_app_users,
     seed_profiles,
     server,
     server_cpu_seconds,
 )
-from floor import run_floor
+from floor import run_floor, run_floor_parallel
 
 from crm_states.records import crm_log_line
 from crm_states.testing.salesforce import FakeSalesforce
@@ -89,7 +94,7 @@ def cli_modes() -> set[str]:
 
 def one_server(kind: str, args: argparse.Namespace, modes: list[str], work: Path) -> dict[str, Any]:
     n, figures = args.profiles, {}
-    with server(kind, work) as db_server, FakeSalesforce(latency=args.latency) as fake:
+    with server(kind, work, cache_gb=args.mongod_cache_gb) as db_server, FakeSalesforce(latency=args.latency) as fake:
         client = client_for(db_server.url)
         app_users = seed_app_users(fake, n)
         stamp = uuid.uuid4().hex[:6]
@@ -97,8 +102,11 @@ def one_server(kind: str, args: argparse.Namespace, modes: list[str], work: Path
         figures["seed_s"] = seed_profiles(floor_db, n)
         floor_ids = list(range(1, n + 1))
         cpu = server_cpu_seconds(db_server.process)
-        figures["floor_s"] = run_floor(floor_db, floor_ids, args.chunk_size, nb_id,
-                                       lambda pid: app_users.get(pid))
+        if args.runners > 1:  # as many writers as runners
+            figures["floor_s"] = run_floor_parallel(db_server.url, floor_db.name, floor_ids, args.chunk_size,
+                                                    args.runners, nb_id, app_users.get)
+        else:
+            figures["floor_s"] = run_floor(floor_db, floor_ids, args.chunk_size, nb_id, app_users.get)
         figures["floor_server_cpu_s"] = server_cpu_seconds(db_server.process) - cpu
         client.drop_database(floor_db.name)
         for mode in modes:
@@ -107,15 +115,18 @@ def one_server(kind: str, args: argparse.Namespace, modes: list[str], work: Path
             flags = ["--snapshot"] if mode == "snapshot" else []
             usage, cpu = fake.api_usage, server_cpu_seconds(db_server.process)
             fake.reset_counts()
-            run = run_cli(["validate-nb", "--chunk-size", str(args.chunk_size), "--concurrency", str(args.concurrency),
-                           *flags], cli_env(db_server.url, db.name, fake, work))
+            runs = run_clis(["validate-nb", "--chunk-size", str(args.chunk_size), "--lookup-size", str(args.lookup_size),
+                             "--concurrency", str(args.concurrency), *flags],
+                            cli_env(db_server.url, db.name, fake, work), args.runners)
             states, wrong = check_validated(db, n, app_users)
-            figures[mode] = {"s": run.seconds, "exit": run.done.returncode, "api": fake.api_usage - usage,
-                             "requests": dict(fake.counts), "rss_mb": run.peak_mb,
+            failed = [r for r in runs if r.done.returncode]
+            figures[mode] = {"s": max(r.seconds for r in runs), "exit": max(r.done.returncode for r in runs),
+                             "api": fake.api_usage - usage, "requests": dict(fake.counts),
+                             "rss_mb": max(r.peak_mb for r in runs),
                              "server_cpu_s": server_cpu_seconds(db_server.process) - cpu,
                              "states": dict(states), "wrong": wrong[:3], "wrong_n": len(wrong),
-                             "said": run.done.stdout.strip().splitlines()[:1],
-                             "stderr": run.done.stderr.strip().splitlines()[-3:] if run.done.returncode else []}
+                             "said": [r.done.stdout.strip().splitlines()[:1] for r in runs],
+                             "stderr": [r.done.stderr.strip().splitlines()[-3:] for r in failed]}
             client.drop_database(db.name)
         naive_db = client[f"naive_{stamp}"]
         seed_profiles(naive_db, min(n, args.naive_sample))
@@ -133,10 +144,12 @@ def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[s
         print(f"{label:<44}" + "".join(f"{c:>{width}}" for c in cells))
 
     print()
-    row(f"{n:,} profiles, chunks of {args.chunk_size}, concurrency {args.concurrency}", kinds)
+    runners = f", {args.runners} runners" if args.runners > 1 else ""
+    row(f"{n:,} profiles, chunks of {args.chunk_size}, ranges of {max(args.chunk_size, args.lookup_size)}, "
+        f"concurrency {args.concurrency}{runners}", kinds)
     row("seeding the profiles (insert_many)", [f"{results[k]['seed_s']:.1f} s" for k in kinds])
-    row("floor: the runner's writes, plain pymongo", [f"{results[k]['floor_s']:.1f} s ({n / results[k]['floor_s']:,.0f}/s)"
-                                                     for k in kinds])
+    row("floor: the runner's writes, plain pymongo" + (f", {args.runners} writers" if args.runners > 1 else ""),
+        [f"{results[k]['floor_s']:.1f} s ({n / results[k]['floor_s']:,.0f}/s)" for k in kinds])
     row("  server CPU during the floor", [f"{results[k]['floor_server_cpu_s']:.1f} s" for k in kinds])
     for mode in modes:
         runs = {k: results[k][mode] for k in kinds}
@@ -144,7 +157,7 @@ def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[s
         row("  ratio to the floor (target <= 1.5 on mongod)", [f"{r['s'] / results[k]['floor_s']:.2f}"
                                                                 for k, r in runs.items()])
         row("  API requests (per 1,000,000)", [f"{r['api']} ({r['api'] * 1_000_000 / n:,.0f})" for r in runs.values()])
-        row("  peak RSS of the runner", [f"{r['rss_mb']:.1f} MB" for r in runs.values()])
+        row("  peak RSS of the runner (largest)", [f"{r['rss_mb']:.1f} MB" for r in runs.values()])
         row("  server CPU meanwhile", [f"{r['server_cpu_s']:.1f} s" for r in runs.values()])
         row("  check: every profile as seeded", ["yes" if not r["wrong_n"] and r["exit"] == 0 else
                                                   f"NO ({r['wrong_n']}, exit {r['exit']})" for r in runs.values()])
@@ -156,7 +169,8 @@ def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[s
             r = results[k][mode]
             if r["wrong_n"] or r["exit"]:
                 print(f"{k} {mode}: said {r['said']}, stderr {r['stderr']}, e.g. {r['wrong']}")
-    print(f"\n(latency of the fake: {args.latency * 1000:.0f} ms per request; wall clock on a shared 2-core machine)")
+    print(f"\n(latency of the fake: {args.latency * 1000:.0f} ms per request; mongod's cache {args.mongod_cache_gb:g} GB; "
+          "wall clock on a shared 2-core machine)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--naive-sample", type=int, default=40)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--chunk-size", type=int, default=1000)
+    parser.add_argument("--lookup-size", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--runners", type=int, default=1, help="validate-nb processes at once (over leases)")
+    parser.add_argument("--mongod-cache-gb", type=float, default=1.0)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # through the finally blocks
     available = cli_modes()

@@ -116,7 +116,7 @@ class MongoServer:
 
     def __init__(self, storage_path: str | Path = ":memory:", *, kind: Kind | str = "secantus", port: int | None = None,
                  log_path: str | Path | None = None, test_commands: bool = False, start_timeout: float = 30.0,
-                 standalone: bool = True) -> None:
+                 standalone: bool = True, cache_gb: float = 1.0) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown server kind {kind!r}: expected one of {', '.join(KINDS)}")
         if not standalone and kind != "secantus":
@@ -129,6 +129,7 @@ class MongoServer:
         self.log_path = Path(log_path) if log_path else None
         self.test_commands = test_commands
         self.start_timeout = start_timeout
+        self.cache_gb = cache_gb  # mongod's WiredTiger cache
         self.process: subprocess.Popen[bytes] | None = None
         self._temp: Path | None = None
         self._serving: Path | None = None  # the data directory whose server.json names our process
@@ -196,10 +197,12 @@ class MongoServer:
             if self.standalone:
                 args.append("--standalone")
             return args
-        # One GB of cache is plenty for tests and the demo (the default is half the machine's memory);
-        # no unix socket (a SIGKILLed server would leave it behind in /tmp); no diagnostic data thread.
+        # One GB of cache is plenty for tests and the demo (mongod's own default is half the machine's memory
+        # less one GB; a benchmark at a million profiles may ask for that); no unix socket (a SIGKILLed server
+        # would leave it behind in /tmp); no diagnostic data thread.
         args = [find_mongod(), "--dbpath", str(data), "--bind_ip", "127.0.0.1", "--port", str(self.port),
-                "--nounixsocket", "--logpath", str(log), "--logappend", "--quiet", "--wiredTigerCacheSizeGB", "1",
+                "--nounixsocket", "--logpath", str(log), "--logappend", "--quiet",
+                "--wiredTigerCacheSizeGB", f"{self.cache_gb:g}",
                 "--setParameter", "diagnosticDataCollectionEnabled=false"]
         if self.test_commands:
             args += ["--setParameter", "enableTestCommands=1"]
