@@ -178,7 +178,8 @@ class ValidationRunner:
         self.leases = RangeLeases(app.store.db[LEASES], self.machine, seconds=config.lease_seconds)
         self.make_progress = progress or (lambda total: Progress(total))
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # claim no further range (done, a limit, an error)
+        self._abort = threading.Event()  # and drive no further batch of a range in flight
         self._api_at_start = 0
 
     # --- the run --------------------------------------------------------------------------------
@@ -233,6 +234,9 @@ class ValidationRunner:
                         in_flight.popleft().result()
                 while in_flight:
                     in_flight.popleft().result()
+            except BaseException:
+                self._abort.set()  # an error or an interrupt: ranges in flight stop after their current batch
+                raise
             finally:
                 self._stop.set()
                 for future in in_flight:
@@ -328,11 +332,14 @@ class ValidationRunner:
         shared = isinstance(lookups, RangeLookups)  # one lookup for the range, not one per batch
         asked = False
         for start in range(0, len(profiles), size):
-            if start and self._stop.is_set():
-                break  # the run stopped meanwhile (a limit): the rest of the range stays pending
+            if self._abort.is_set():
+                break
             results = self._drive_batch(profiles[start:start + size], positions, lookups)
-            asked = asked or any(r.outcome != "halted" for r in results)  # a halted batch asked nothing
+            halted = any(r.outcome == "halted" for r in results)
+            asked = asked or not halted  # a halted batch asked nothing
             self.record(results, report, progress, lookups=0 if shared else None)
+            if halted:
+                break  # a limit: the rest of the range stays pending (its answers, if any, were free)
         if shared:
             with self._lock:
                 report.lookups += asked

@@ -292,3 +292,14 @@ def test_range_lookups_ask_the_range_once_and_only_new_ids_after_it() -> None:
     assert set(lookups.lookup_app_users_by_nationbuilder_ids([1, 2])) == {1}
     assert set(lookups.lookup_app_users_by_nationbuilder_ids([3, 4, 9])) == {3, 9}  # 9: its id changed meanwhile
     assert crm.asked == [[1, 2, 3, 4], [9]]
+
+
+def test_a_range_whose_lookup_was_paid_for_is_finished_when_the_budget_runs_out(db, fake: FakeSalesforce) -> None:
+    found = seed(db, fake, 2500)
+    config = RunnerConfig(chunk_size=100, lookup_size=1000, concurrency=2, max_api_calls=1)
+    report = ValidationRunner(app_for(db, fake), config).run()
+    assert report.stopped == "--max-api-calls 1 reached" and report.api_requests == fake.api_usage == 1
+    states = states_by_profile(db, nb.NAME)
+    assert report.processed == len(states) == 1000  # every batch of the one range looked up, none of the others
+    assert sorted(states) == list(range(1, 1001))
+    assert all(state == ("WroteSalesforceAppUserUid" if pid in found else "WroteNotFound") for pid, state in states.items())
