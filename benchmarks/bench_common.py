@@ -32,13 +32,15 @@ NB_FIELD = "NationBuilder_Id__c"
 SEED_BATCH = 10_000
 KINDS = ("secantus", "mongod")
 
-#: Runs the CLI in-process and prints that process's own peak RSS when it ends (KiB on Linux).
+#: Runs the CLI in-process and prints that process's own peak RSS (KiB on Linux) and CPU seconds when it ends.
 WRAPPER = """\
 import resource, sys
 import crm_states.cli
 code = crm_states.cli.main(sys.argv[1:])
 sys.stdout.flush()
-print(f"RUNNER_MAXRSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr, flush=True)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(f"RUNNER_MAXRSS_KIB={usage.ru_maxrss} RUNNER_CPU_S={usage.ru_utime + usage.ru_stime:.2f}", file=sys.stderr,
+      flush=True)
 sys.exit(code)
 """
 #: Linux carries the RSS high-water mark of the image an exec replaces into the new program's ``ru_maxrss``;
@@ -94,13 +96,15 @@ def cli_env(url: str, db_name: str, fake: FakeSalesforce, work: Path) -> dict[st
 
 
 class RunnerRun:
-    """One ``validate-nb`` run as a subprocess: wall time (spawn to exit), exit code, output, peak RSS."""
+    """One ``validate-nb`` run as a subprocess: wall time (spawn to exit), exit code, output, peak RSS, CPU."""
 
     def __init__(self, seconds: float, done: subprocess.CompletedProcess[str]) -> None:
         self.seconds = seconds
         self.done = done
         found_rss = re.search(r"RUNNER_MAXRSS_KIB=(\d+)", done.stderr)
         self.peak_mb = int(found_rss.group(1)) / 1024 if found_rss else float("nan")
+        found_cpu = re.search(r"RUNNER_CPU_S=([0-9.]+)", done.stderr)
+        self.cpu_s = float(found_cpu.group(1)) if found_cpu else float("nan")
 
 
 def run_cli(args: Sequence[str], env: dict[str, str]) -> RunnerRun:

@@ -123,6 +123,7 @@ def one_server(kind: str, args: argparse.Namespace, modes: list[str], work: Path
             figures[mode] = {"s": max(r.seconds for r in runs), "exit": max(r.done.returncode for r in runs),
                              "api": fake.api_usage - usage, "requests": dict(fake.counts),
                              "rss_mb": max(r.peak_mb for r in runs),
+                             "runner_cpu_s": sum(r.cpu_s for r in runs),
                              "server_cpu_s": server_cpu_seconds(db_server.process) - cpu,
                              "states": dict(states), "wrong": wrong[:3], "wrong_n": len(wrong),
                              "said": [r.done.stdout.strip().splitlines()[:1] for r in runs],
@@ -158,7 +159,8 @@ def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[s
                                                                 for k, r in runs.items()])
         row("  API requests (per 1,000,000)", [f"{r['api']} ({r['api'] * 1_000_000 / n:,.0f})" for r in runs.values()])
         row("  peak RSS of the runner (largest)", [f"{r['rss_mb']:.1f} MB" for r in runs.values()])
-        row("  server CPU meanwhile", [f"{r['server_cpu_s']:.1f} s" for r in runs.values()])
+        row("  CPU: the server / the runners", [f"{r['server_cpu_s']:.1f} s / {r['runner_cpu_s']:.1f} s"
+                                                  for r in runs.values()])
         row("  check: every profile as seeded", ["yes" if not r["wrong_n"] and r["exit"] == 0 else
                                                   f"NO ({r['wrong_n']}, exit {r['exit']})" for r in runs.values()])
         row("  ratio to the naive loop (target >= 100)", [f"{n / r['s'] / results[k]['naive_rate']:.0f}"
