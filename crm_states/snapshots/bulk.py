@@ -91,6 +91,7 @@ class BulkSource(Source):
             yield Page(rows, len(page.rows) + len(page.rejected), {"locator": page.next_locator})
             if page.next_locator is None:
                 return
+            del page, rows  # one page in memory at a time: not this one while the next is fetched
 
     def check_complete(self, record: SnapshotRecord) -> None:
         if record.records_processed is not None and record.rows != record.records_processed:

@@ -170,6 +170,7 @@ class SnapshotLookups(LookupStrategy):
         current: SnapshotRecord | None = ready
         for page in self.source.pages(ready, spend):
             current = self.snapshots.write_page(current, page.rows, seen=page.seen, **page.progress)
+            del page  # written: not held while the next page is fetched and parsed
             if current is None or not renew():
                 raise Halt(f"snapshot {record.key} was taken over or dropped while this run loaded it; run again")
         self.source.check_complete(current)

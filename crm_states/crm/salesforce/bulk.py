@@ -131,7 +131,9 @@ class BulkQueries:
                 raise CrmError(f"salesforce bulk job {job_id}: refused a locator over {MAX_VALUE_CHARS} characters")
             next_locator = None if nxt in (None, "", "null") else nxt
             rows, rejected, values = _parse(response.content, key_prefix)
+            del response  # its body is parsed: not held while the caller works
             yield BulkPage(job_id, locator, next_locator, rows, rejected, values)
+            del rows, rejected, values  # the page was given away: not held while the next one is fetched
             if next_locator is None:
                 return
             locator = next_locator
