@@ -6,15 +6,21 @@ NationBuilder ids. The context is normally the CRM (one packed REST lookup per b
 job's results, the operators' export): the answers are ``Matches`` exactly as the CRM's, and each outcome's
 detail also says what the answer was read from, so the history names the job or the file and its lines.
 A ``RangeLookups`` asks the CRM once for a whole range that is driven in several smaller batches.
+``LookupStrategy`` is the batch runner's choice among them, per run (``crm_states.runner``).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .budget import BudgetedLookups
 from .crm.results import Matches
+
+if TYPE_CHECKING:
+    from .progress import RunnerReport
+    from .protocols import States as CrmStates
 
 
 class RecordedLookup(abc.ABC):
@@ -57,3 +63,45 @@ class RangeLookups:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.crm, name)
+
+
+class LookupStrategy:
+    """Where a run's lookups are answered. This one asks the CRM for every range (one packed lookup of
+    the range's NationBuilder ids: ``request_contact``); ``crm_states.snapshots.SnapshotLookups`` loads a
+    snapshot first and answers from it. ``range_requests`` is what one range's lookup is expected to cost
+    in API requests (0: ranges cost nothing, so ``--max-api-calls`` is not checked between them)."""
+
+    name = "rest"
+    range_requests = 1
+
+    def __init__(self, app: CrmStates) -> None:
+        self.app = app
+        self.budget: BudgetedLookups | None = None
+
+    def context(self) -> Any:
+        """What the machine's lookup effect is given: the CRM, behind ``--max-api-calls`` when one is set."""
+        return self.app.crm if self.budget is None else self.budget
+
+    def limit(self, max_api_calls: int | None) -> None:
+        """Hold every lookup to ``max_api_calls`` API requests in all (``BudgetedLookups``)."""
+        self.budget = None if max_api_calls is None else BudgetedLookups(self.app.crm, max_api_calls,
+                                                                          self.api_requests)
+
+    def for_range(self, nationbuilder_ids: list[int], drives: int) -> Any:
+        """What the ``drives`` batches of one range ask: the context, or when the range takes several
+        batches and its lookups cost requests, one packed lookup of all the range's ids (``RangeLookups``)."""
+        context = self.context()
+        return RangeLookups(context, nationbuilder_ids) if drives > 1 and self.range_requests else context
+
+    # ``runner`` is the ``crm_states.runner.ValidationRunner`` driving the run (not imported: it imports this).
+    def prepare(self, runner: Any, report: RunnerReport) -> bool:
+        """Work before the ranges; False stops the run (``report.stopped`` says why)."""
+        return True
+
+    def finish(self, runner: Any, report: RunnerReport) -> None:
+        """Work after the ranges (the run may have stopped early)."""
+
+    def api_requests(self) -> int:
+        """The API requests the CRM client has sent so far, as the CRM counts them."""
+        counted = getattr(self.app.crm, "api_requests", None)
+        return counted if isinstance(counted, int) else 0

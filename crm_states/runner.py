@@ -35,10 +35,9 @@ from pymongo.errors import ConnectionFailure, CursorNotFound
 from machines import nb_profile_validation as nb
 
 from . import metrics
-from .budget import BudgetedLookups
 from .engine import RunResult
 from .leases import LEASES, RangeLeases
-from .lookups import RangeLookups
+from .lookups import LookupStrategy, RangeLookups
 from .progress import Progress, RunnerReport
 from .protocols import States as CrmStates
 from .records import Position
@@ -84,47 +83,6 @@ class RunnerConfig:
     def range_size(self) -> int:
         """Pending profiles per leased range (and per lookup)."""
         return max(self.chunk_size, self.lookup_size or self.chunk_size)
-
-
-class LookupStrategy:
-    """Where a run's lookups are answered. This one asks the CRM for every range (one packed lookup of
-    the range's NationBuilder ids: ``request_contact``); ``crm_states.snapshots.SnapshotLookups`` loads a
-    snapshot first and answers from it. ``range_requests`` is what one range's lookup is expected to cost
-    in API requests (0: ranges cost nothing, so ``--max-api-calls`` is not checked between them)."""
-
-    name = "rest"
-    range_requests = 1
-
-    def __init__(self, app: CrmStates) -> None:
-        self.app = app
-        self.budget: BudgetedLookups | None = None
-
-    def context(self) -> Any:
-        """What the machine's lookup effect is given: the CRM, behind ``--max-api-calls`` when one is set."""
-        return self.app.crm if self.budget is None else self.budget
-
-    def limit(self, max_api_calls: int | None) -> None:
-        """Hold every lookup to ``max_api_calls`` API requests in all (``BudgetedLookups``)."""
-        self.budget = None if max_api_calls is None else BudgetedLookups(self.app.crm, max_api_calls,
-                                                                          self.api_requests)
-
-    def for_range(self, nationbuilder_ids: list[int], drives: int) -> Any:
-        """What the ``drives`` batches of one range ask: the context, or when the range takes several
-        batches and its lookups cost requests, one packed lookup of all the range's ids (``RangeLookups``)."""
-        context = self.context()
-        return RangeLookups(context, nationbuilder_ids) if drives > 1 and self.range_requests else context
-
-    def prepare(self, runner: ValidationRunner, report: RunnerReport) -> bool:
-        """Work before the ranges; False stops the run (``report.stopped`` says why)."""
-        return True
-
-    def finish(self, runner: ValidationRunner, report: RunnerReport) -> None:
-        """Work after the ranges (the run may have stopped early)."""
-
-    def api_requests(self) -> int:
-        """The API requests the CRM client has sent so far, as the CRM counts them."""
-        counted = getattr(self.app.crm, "api_requests", None)
-        return counted if isinstance(counted, int) else 0
 
 
 def pending_ids(app: CrmStates, *, after: int | None = None, batch_size: int = 1000) -> Iterator[int]:

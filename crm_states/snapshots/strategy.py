@@ -20,8 +20,7 @@ from machines import nb_profile_validation as nb
 from ..crm.errors import CrmBadAnswer, CrmJobFailed, CrmLimitExceeded, CrmNotFound
 from ..crm.results import Matches, MatchesBuilder
 from ..leases import LEASES, RangeLeases
-from ..lookups import RecordedLookup
-from ..runner import LookupStrategy
+from ..lookups import LookupStrategy, RecordedLookup
 from ..spec import Halt
 from ..store.snapshots import SnapshotRecord, Snapshots
 from .export import lines_detail
