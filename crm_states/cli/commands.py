@@ -66,7 +66,7 @@ def cmd_validate_nb(args: argparse.Namespace) -> int:
     check_refusal(crm, "validate-nb", f"{report.processed} profiles were validated before it; the others stay "
                                       f"pending")
     if args.dry_run:
-        print(dry_run_line(report, args))
+        print(dry_run_line(report, args, config.range_size))
         return EXIT_OK
     print("\n".join(summary_lines(report)))
     print_counts(report.states)

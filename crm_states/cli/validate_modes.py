@@ -41,7 +41,8 @@ def lookup_for(args: argparse.Namespace, crm: Any) -> Callable[[Any], Any]:
     return lambda states: None
 
 
-def dry_run_line(report: RunnerReport, args: argparse.Namespace) -> str:
+def dry_run_line(report: RunnerReport, args: argparse.Namespace, range_size: int) -> str:
+    """``range_size``: the run's ``RunnerConfig.range_size`` (profiles per lookup)."""
     head = f"{report.pending_at_start} profiles pending validation; a run would "
     if args.from_export:
         body = f"answer them from {args.from_export} with no API request"
@@ -49,7 +50,7 @@ def dry_run_line(report: RunnerReport, args: argparse.Namespace) -> str:
         body = ("read every App User with a NationBuilder id from one Bulk API query job (one request to start it, "
                 "one per poll and one per result page; a job a killed run left is reused)")
     else:
-        body = f"make about {-(-report.processed // max(args.chunk_size, args.lookup_size))} batched lookups"
+        body = f"make about {-(-report.processed // range_size)} batched lookups"
     return head + body + " (dry run: nothing claimed, sent or written)"
 
 
