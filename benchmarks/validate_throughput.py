@@ -1,8 +1,11 @@
 """NationBuilder-profile validation at scale, on SecantusDB and a genuine mongod side by side, in one run.
 
-For each server kind (``--servers``, default both): a fresh server process, a FakeSalesforce in this process
-answering every request ``--latency`` late (default 50 ms) with an App User for the odd-numbered half of N
-profiles (``--profiles``, default 100,000), and, each on a database of its own seeded with the same profiles:
+For each server kind (``--servers``, default both, mongod first: a run cut short then still has the server
+the targets are set on): a FakeSalesforce in this process answering every request ``--latency`` late
+(default 50 ms) with an App User for the odd-numbered half of N profiles (``--profiles``, default 100,000),
+N profiles seeded once into a server that is then stopped, and each step below on a fresh server process
+started on a copy of that data directory (so every step starts from the same data, and a million profiles
+are inserted once, not three times). Each step's figures are printed when it ends; the tables at the end.
 
 - **floor**: the database writes the runner makes for N profiles (``benchmarks/floor.py``: the guarded
   profile write and the position upsert with its history, in bulks of ``--chunk-size``), with plain pymongo,
@@ -56,13 +59,16 @@ from bench_common import (
     seed_profiles,
     server,
     server_cpu_seconds,
+    server_on_copy,
 )
 from floor import run_floor, run_floor_parallel
 
 from crm_states.records import crm_log_line
+from crm_states.testing.mongo import MongoServer
 from crm_states.testing.salesforce import FakeSalesforce
 
 API = "/services/data/v60.0"
+BENCH_DB = "bench"
 
 
 def naive(db: Any, fake: FakeSalesforce, sample: int) -> float:
@@ -93,48 +99,70 @@ def cli_modes() -> set[str]:
 
 
 def one_server(kind: str, args: argparse.Namespace, modes: list[str], work: Path) -> dict[str, Any]:
+    """Seed once, then each step (every mode, then the floor) on a fresh server started on a copy of the
+    seeded data; each step's figures are printed as soon as it ends, so a run cut short keeps them."""
     n, figures = args.profiles, {}
-    with server(kind, work, cache_gb=args.mongod_cache_gb) as db_server, FakeSalesforce(latency=args.latency) as fake:
-        client = client_for(db_server.url)
+    with FakeSalesforce(latency=args.latency) as fake:
         app_users = seed_app_users(fake, n)
-        stamp = uuid.uuid4().hex[:6]
-        floor_db = client[f"floor_{stamp}"]
-        figures["seed_s"] = seed_profiles(floor_db, n)
-        floor_ids = list(range(1, n + 1))
-        cpu = server_cpu_seconds(db_server.process)
-        if args.runners > 1:  # as many writers as runners
-            figures["floor_s"] = run_floor_parallel(db_server.url, floor_db.name, floor_ids, args.chunk_size,
-                                                    args.runners, nb_id, app_users.get)
-        else:
-            figures["floor_s"] = run_floor(floor_db, floor_ids, args.chunk_size, nb_id, app_users.get)
-        figures["floor_server_cpu_s"] = server_cpu_seconds(db_server.process) - cpu
-        client.drop_database(floor_db.name)
+        with server(kind, work, cache_gb=args.mongod_cache_gb) as seed_server:
+            client = client_for(seed_server.url)
+            figures["seed_s"] = seed_profiles(client[BENCH_DB], n)
+            naive_db = client[f"naive_{uuid.uuid4().hex[:6]}"]
+            seed_profiles(naive_db, min(n, args.naive_sample))
+            figures["naive_rate"] = naive(naive_db, fake, min(n, args.naive_sample))
+            client.drop_database(naive_db.name)
+            client.close()
+        say(kind, f"seeded {n:,} profiles in {figures['seed_s']:.1f} s; naive loop {figures['naive_rate']:.2f}/s")
+        seeded = work / f"db-{kind}"
         for mode in modes:
-            db = client[f"runner_{mode}_{stamp}"]
-            seed_profiles(db, n)
-            flags = ["--snapshot"] if mode == "snapshot" else []
-            usage, cpu = fake.api_usage, server_cpu_seconds(db_server.process)
-            fake.reset_counts()
-            runs = run_clis(["validate-nb", "--chunk-size", str(args.chunk_size), "--lookup-size", str(args.lookup_size),
-                             "--concurrency", str(args.concurrency), *flags],
-                            cli_env(db_server.url, db.name, fake, work), args.runners)
-            states, wrong = check_validated(db, n, app_users)
-            failed = [r for r in runs if r.done.returncode]
-            figures[mode] = {"s": max(r.seconds for r in runs), "exit": max(r.done.returncode for r in runs),
-                             "api": fake.api_usage - usage, "requests": dict(fake.counts),
-                             "rss_mb": max(r.peak_mb for r in runs),
-                             "runner_cpu_s": sum(r.cpu_s for r in runs),
-                             "server_cpu_s": server_cpu_seconds(db_server.process) - cpu,
-                             "states": dict(states), "wrong": wrong[:3], "wrong_n": len(wrong),
-                             "said": [r.done.stdout.strip().splitlines()[:1] for r in runs],
-                             "stderr": [r.done.stderr.strip().splitlines()[-3:] for r in failed]}
-            client.drop_database(db.name)
-        naive_db = client[f"naive_{stamp}"]
-        seed_profiles(naive_db, min(n, args.naive_sample))
-        figures["naive_rate"] = naive(naive_db, fake, min(n, args.naive_sample))
-        client.drop_database(naive_db.name)
-        client.close()
+            with server_on_copy(kind, seeded, work / f"{kind}-{mode}", work, cache_gb=args.mongod_cache_gb) as on:
+                figures[mode] = run_mode(mode, args, on, fake, app_users, work)
+            say(kind, mode_line(mode, figures[mode], n))
+        with server_on_copy(kind, seeded, work / f"{kind}-floor", work, cache_gb=args.mongod_cache_gb) as on:
+            client, cpu = client_for(on.url), server_cpu_seconds(on.process)
+            ids = list(range(1, n + 1))
+            if args.runners > 1:  # as many writers as runners
+                figures["floor_s"] = run_floor_parallel(on.url, BENCH_DB, ids, args.chunk_size, args.runners, nb_id,
+                                                        app_users.get)
+            else:
+                figures["floor_s"] = run_floor(client[BENCH_DB], ids, args.chunk_size, nb_id, app_users.get)
+            figures["floor_server_cpu_s"] = server_cpu_seconds(on.process) - cpu
+            client.close()
+        say(kind, f"floor {figures['floor_s']:.1f} s ({n / figures['floor_s']:,.0f}/s), server CPU "
+                  f"{figures['floor_server_cpu_s']:.1f} s")
     return figures
+
+
+def run_mode(mode: str, args: argparse.Namespace, on: MongoServer, fake: FakeSalesforce, app_users: dict[int, str],
+             work: Path) -> dict[str, Any]:
+    """``validate-nb`` in ``mode`` over the seeded database on ``on``, then every profile checked."""
+    flags = ["--snapshot"] if mode == "snapshot" else []
+    usage, cpu = fake.api_usage, server_cpu_seconds(on.process)
+    fake.reset_counts()
+    runs = run_clis(["validate-nb", "--chunk-size", str(args.chunk_size), "--lookup-size", str(args.lookup_size),
+                     "--concurrency", str(args.concurrency), *flags],
+                    cli_env(on.url, BENCH_DB, fake, work), args.runners)
+    server_cpu = server_cpu_seconds(on.process) - cpu
+    with client_for(on.url) as client:
+        states, wrong = check_validated(client[BENCH_DB], args.profiles, app_users)
+    failed = [r for r in runs if r.done.returncode]
+    return {"s": max(r.seconds for r in runs), "exit": max(r.done.returncode for r in runs),
+            "api": fake.api_usage - usage, "requests": dict(fake.counts), "rss_mb": max(r.peak_mb for r in runs),
+            "runner_cpu_s": sum(r.cpu_s for r in runs), "server_cpu_s": server_cpu,
+            "states": dict(states), "wrong": wrong[:3], "wrong_n": len(wrong),
+            "said": [r.done.stdout.strip().splitlines()[:1] for r in runs],
+            "stderr": [r.done.stderr.strip().splitlines()[-3:] for r in failed]}
+
+
+def mode_line(mode: str, r: dict[str, Any], n: int) -> str:
+    check = "every profile as seeded" if not r["wrong_n"] and r["exit"] == 0 else \
+        f"NOT as seeded ({r['wrong_n']}, exit {r['exit']})"
+    return (f"{mode} {r['s']:.1f} s ({n / r['s']:,.0f}/s), {r['api']} API requests, peak RSS {r['rss_mb']:.1f} MB, "
+            f"CPU server {r['server_cpu_s']:.1f} s / runners {r['runner_cpu_s']:.1f} s, {check}")
+
+
+def say(kind: str, what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {kind}: {what}", flush=True)
 
 
 def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[str, Any]]) -> None:
@@ -178,7 +206,7 @@ def report(args: argparse.Namespace, modes: list[str], results: dict[str, dict[s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profiles", type=int, default=100_000)
-    parser.add_argument("--servers", default=",".join(KINDS), help="comma-separated: secantus, mongod")
+    parser.add_argument("--servers", default=",".join(reversed(KINDS)), help="comma-separated: mongod, secantus")
     parser.add_argument("--modes", default=None, help="comma-separated: rest, snapshot (default: all the CLI has)")
     parser.add_argument("--naive-sample", type=int, default=40)
     parser.add_argument("--latency", type=float, default=0.05)
@@ -194,8 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as tmp:
         for kind in args.servers.split(","):
-            print(f"{kind}: seeding {args.profiles:,} profiles, the floor, then {', '.join(modes)} ...", flush=True)
+            say(kind, f"seeding {args.profiles:,} profiles, then {', '.join(modes)} and the floor ...")
             results[kind] = one_server(kind.strip(), args, modes, Path(tmp))
+            if len(results) == 1 and "," in args.servers:
+                report(args, modes, results)  # the first server's table now: the run may be cut short
     report(args, modes, results)
     return 0
 
