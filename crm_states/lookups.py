@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .budget import BudgetedLookups
+from .crm.base import requests_sent
 from .crm.results import Matches
 
 if TYPE_CHECKING:
@@ -103,5 +104,4 @@ class LookupStrategy:
 
     def api_requests(self) -> int:
         """The API requests the CRM client has sent so far, as the CRM counts them."""
-        counted = getattr(self.app.crm, "api_requests", None)
-        return counted if isinstance(counted, int) else 0
+        return requests_sent(self.app.crm)

@@ -103,9 +103,6 @@ class RetirementRunner(ValidationRunner):
         self.accept = check_accept(accept)
         self.undo = undo
 
-    def _api_requests(self) -> int:
-        return 0  # no CRM call: the CRM (of CRM_TYPE, maybe none at all) is never asked
-
     # --- which profiles ---------------------------------------------------------------------------------
     def survey(self) -> Readiness:
         readiness = Readiness()

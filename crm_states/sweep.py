@@ -30,7 +30,7 @@ from machines import nb_profile_validation as nb
 from machines import new_user_signup as signup
 
 from .api import CrmStates
-from .crm.errors import CrmError
+from .crm.base import requests_sent
 from .progress import RunnerReport
 from .records import Position
 from .users import User, UserSource, Window, lang_of, source_from_env
@@ -78,7 +78,7 @@ def sweep_signups(app: CrmStates, *, source: UserSource | None = None, window: W
         window = attrs.evolve(window, joined_before=cutoff)
     report = SweepReport(window=window, dry_run=dry_run)
     users = (source or source_from_env())(window, app=app)
-    at_start = 0 if dry_run else _api_requests(app)  # a dry run asks the CRM nothing, not even its count
+    at_start = 0 if dry_run else requests_sent(app.crm)  # a dry run asks the CRM nothing, not even its count
     budget = _Budget(app, batch_size, max_api_calls, at_start)
     group: list[tuple[User, Mapping[str, Any], Position]] = []
     size = 0 if dry_run else budget.group_size(report)
@@ -98,7 +98,7 @@ def sweep_signups(app: CrmStates, *, source: UserSource | None = None, window: W
         if group and not report.stopped:
             _drive(app, group, batch_size, report)
     finally:
-        report.api_requests = 0 if dry_run else _api_requests(app) - at_start
+        report.api_requests = 0 if dry_run else requests_sent(app.crm) - at_start
         report.seconds = time.monotonic() - started
     return report
 
@@ -148,7 +148,7 @@ class _Budget:
         most = LOOKUP_GROUP - LOOKUP_GROUP % self.batch_size
         if self.max_api_calls is None:
             return most
-        creates = self.max_api_calls - (_api_requests(self.app) - self.at_start) - 1
+        creates = self.max_api_calls - (requests_sent(self.app.crm) - self.at_start) - 1
         if creates < 1:
             report.stopped = f"--max-api-calls {self.max_api_calls} reached"
             return 0
@@ -185,14 +185,6 @@ def _chunks(items: Iterator[User], size: int) -> Iterator[list[User]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _api_requests(app: CrmStates) -> int:
-    try:
-        counted = getattr(app.crm, "api_requests", None)
-    except CrmError:  # a CRM that is not configured, or does not count: it has sent nothing we can count
-        return 0
-    return counted if isinstance(counted, int) else 0
 
 
 def _aware(at: dt.datetime) -> dt.datetime:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from . import validation
-from .errors import CrmInvalidInput, CrmNotSupported
+from .errors import CrmError, CrmInvalidInput, CrmNotSupported
 
 if TYPE_CHECKING:
     from .results import Matches
@@ -171,3 +171,13 @@ class CrmConnectionManager(abc.ABC):
         if not isinstance(email, str) or not email:
             raise CrmInvalidInput("find_crm_id needs an email")
         return email
+
+
+def requests_sent(crm: object) -> int:
+    """The API requests ``crm`` has sent, as its CRM counts them; 0 for a CRM that cannot count (it raises
+    ``CrmError``, or has no such count): asking what was spent must never fail the run that spent it."""
+    try:
+        counted = getattr(crm, "api_requests", 0)
+    except CrmError:
+        return 0
+    return counted if isinstance(counted, int) and not isinstance(counted, bool) else 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from .base import CrmConnectionManager
+from .base import CrmConnectionManager, requests_sent
 from .dummy import DummyConnectionManager
 from .errors import CrmConfigError
 from .log import LogConnectionManager
@@ -103,8 +103,7 @@ class LazyCrm:
     def api_requests(self) -> int:
         """The requests the CRM has sent: none while it was never built (a command that asked it nothing
         must not need one configured just to count)."""
-        counted = getattr(self._crm, "api_requests", 0) if self._crm is not None else 0
-        return counted if isinstance(counted, int) else 0
+        return requests_sent(self._crm) if self._crm is not None else 0
 
     def _note(self, exc: CrmConfigError) -> None:
         if self.refusal is None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from ..crm.base import requests_sent
 from ..crm.errors import CrmBadAnswer, CrmJobFailed, CrmTransientError
 from ..spec import Halt
 from ..store.snapshots import TABLE_PREFIX, SnapshotRecord, Snapshots
@@ -102,8 +103,7 @@ class BulkSource(Source):
         return {"bulk_job": record.job_id}
 
     def api_requests(self) -> int:
-        counted = getattr(self.crm, "api_requests", None)
-        return counted if isinstance(counted, int) else 0
+        return requests_sent(self.crm)
 
 
 def _column(row: Mapping[str, str], field: str) -> str:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest_nb import clock, nb, nb_client  # noqa: F401 (fixtures)
 from crm_states.crm import CrmNotSupported, CrmRejected
-from crm_states.crm.base import CrmConnectionManager
+from crm_states.crm.base import CrmConnectionManager, requests_sent
 from crm_states.crm.dummy import DummyConnectionManager
 from crm_states.crm.errors import CrmInvalidInput
 from crm_states.crm.log import LogConnectionManager
@@ -228,3 +228,23 @@ def test_a_subclass_that_adds_nothing_still_refuses_lookups_clearly() -> None:
     with pytest.raises(CrmNotSupported) as caught:
         Minimal().lookup_app_users_by_nationbuilder_ids([1])
     assert "minimal" in str(caught.value).lower() and caught.value.needs == ("SALESFORCE",)
+
+
+def test_requests_sent_reads_a_clients_count_and_never_fails_on_the_asking() -> None:
+    class Uncounting(DummyConnectionManager):
+        name = "uncounting"
+        api_requests = CrmConnectionManager.api_requests  # the base's: raises CrmNotSupported
+
+    class Odd:
+        api_requests = "12"
+
+    class Flag:
+        api_requests = True
+
+    crm = InMemoryCrm()
+    crm.add_user_to_crm("a@example.org", "A", "B")
+    assert requests_sent(crm) == crm.api_requests >= 1
+    with pytest.raises(CrmNotSupported):
+        Uncounting().api_requests
+    assert requests_sent(Uncounting()) == 0
+    assert [requests_sent(x) for x in (None, object(), Odd(), Flag())] == [0, 0, 0, 0]
