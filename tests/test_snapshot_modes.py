@@ -19,8 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crm_states.api import CrmStates
+from crm_states.cli.validate_modes import summary_lines
 from crm_states.crm import RetryPolicy, SalesforceConnectionManager
 from crm_states.crm.salesforce import SalesforceSchema, TokenCache
+from crm_states.leases import LEASES, RangeLeases
 from crm_states.records import finding_of
 from crm_states.runner import RunnerConfig, ValidationRunner
 from crm_states.snapshots import BulkSource, ExportSource, SnapshotLookups, TableLookup
@@ -214,8 +216,34 @@ def test_two_snapshot_runs_at_once_share_one_job(db, fake) -> None:
     for t in threads:
         t.join(120)
     assert fake.counts["bulk_create"] == 1 and sum(r.processed for r in reports) == 120
-    assert sorted(r.snapshot["reused"] for r in reports) == [False, True]
+    # the run that waited either reused the loaded job or, when the other had finished and dropped it
+    # meanwhile (a fast server), found nothing pending: never a second job
+    [starter] = [r for r in reports if r.snapshot.get("job_id") and not r.snapshot["reused"]]
+    [waiter] = [r for r in reports if r is not starter]
+    assert waiter.snapshot["reused"] or (waiter.snapshot.get("nothing_pending") and waiter.processed == 0)
     check_histories(db, nb.SPEC).assert_clean()
+
+
+def test_a_run_that_waited_while_another_validated_everything_starts_no_job(db, fake) -> None:
+    app = world(db, fake)
+    holder = RangeLeases(db[LEASES], f"{nb.NAME}:snapshot", seconds=60)
+    assert holder.claim(0)  # "another run is loading"
+    finished = []
+
+    def other_run_ends_meanwhile(_: float) -> None:
+        if not finished:
+            holder.release(0)
+            finished.append(snapshot_run(CrmStates.open(db, app.crm))[0].run())
+
+    waiter, lookup = snapshot_run(CrmStates.open(db, app.crm))
+    lookup.sleep = other_run_ends_meanwhile
+    report = waiter.run()
+    [first] = finished
+    assert first.processed == 120 and first.snapshot["dropped"] == 1 and not first.snapshot["reused"]
+    assert report.pending_at_start == 120 and report.processed == 0 and not report.stopped
+    assert report.snapshot["nothing_pending"] and fake.counts["bulk_create"] == 1
+    assert Snapshots(db).records.count_documents({"state": {"$ne": "dropped"}}) == 0
+    assert "another run validated every pending profile" in "\n".join(summary_lines(report))
 
 
 def test_from_export_refuses_a_wrong_file_before_anything_starts(db, mongo_url, fake, tmp_path) -> None:

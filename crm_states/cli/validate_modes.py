@@ -77,6 +77,8 @@ def summary_lines(report: RunnerReport) -> list[str]:
         lines.append(f"  the snapshot failed: {snapshot.get('error')}; its profiles were recorded as "
                      f"UnexpectedResponse (`crm-states resume --machine nb_profile_validation --state "
                      f"WroteUnexpectedResponse` asks Salesforce again)")
+    if snapshot.get("nothing_pending"):
+        lines.append("  another run validated every pending profile while this one waited for it: no job started")
     if snapshot.get("dropped"):
         lines.append("  no profile is pending any more: the snapshot collections were dropped")
     return lines

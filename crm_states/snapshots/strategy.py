@@ -130,6 +130,11 @@ class SnapshotLookups(LookupStrategy):
 
         record = self.current = self.source.reusable(self.snapshots, nb.NAME)
         self.summary["reused"] = record is not None
+        if record is None and not _any_pending(runner):
+            # another run loaded a snapshot, validated every profile and dropped it while this one waited
+            # for the lease: a new job would export the whole CRM for nobody
+            self.summary["nothing_pending"] = True
+            return None
         try:
             for attempt in (1, 2):
                 if record is None:
@@ -186,13 +191,16 @@ class SnapshotLookups(LookupStrategy):
     # --- after the ranges ---------------------------------------------------------------------------------
     def finish(self, runner: ValidationRunner, report: RunnerReport) -> None:
         """Drop the snapshots once no profile is pending (this run's, and any a killed run left)."""
-        if report.stopped:
+        if report.stopped or _any_pending(runner):
             return
-        pending = runner.pending_ids()
-        try:
-            if next(pending, None) is not None:
-                return
-        finally:
-            pending.close()
         dropped = sum(self.snapshots.drop(record) for record in self.snapshots.leftovers(nb.NAME))
         self.summary["dropped"] = dropped
+
+
+def _any_pending(runner: ValidationRunner) -> bool:
+    """Whether a profile is still pending (reads the first one only)."""
+    pending = runner.pending_ids()
+    try:
+        return next(pending, None) is not None
+    finally:
+        pending.close()
