@@ -118,15 +118,16 @@ def test_without_test_commands_there_is_no_fail_point(mongo_server_factory) -> N
 
 
 PARENT = textwrap.dedent("""
-    import os, signal, sys, time
+    import faulthandler, os, signal, sys, time
     from pymongo import MongoClient
     from crm_states.testing.mongo import MongoServer
+    faulthandler.dump_traceback_later(50)  # a hang shows where every thread was, before the test gives up
     server = MongoServer(sys.argv[1], kind=sys.argv[2]).start()
     try:
         print(server.process.pid, server.port, flush=True)  # inside: the Ctrl-C may come right after it
         time.sleep(120)
     except KeyboardInterrupt:
-        client = MongoClient(server.url, serverSelectionTimeoutMS=5000)
+        client = MongoClient(server.url, serverSelectionTimeoutMS=5000, socketTimeoutMS=20_000)
         client.t.docs.insert_one({"after": "ctrl-c"})   # the server outlived the terminal's Ctrl-C
         print("wrote after ctrl-c", flush=True)
         server.stop()
@@ -195,7 +196,14 @@ def test_a_sigkilled_test_controller_takes_its_workers_and_their_servers_with_it
 def test_ctrl_c_on_the_parents_terminal_does_not_stop_the_server(tmp_path: Path, backend: str) -> None:
     parent, server_pid, port = start_parent(tmp_path / "data", backend)
     os.killpg(parent.pid, signal.SIGINT)  # what a Ctrl-C does: SIGINT to the terminal's foreground group
-    out, err = parent.communicate(timeout=60)
+    try:
+        out, err = parent.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        parent.kill()
+        out, err = parent.communicate(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server_pid, signal.SIGKILL)
+        pytest.fail(f"the parent did not end within 60 s of its Ctrl-C; it printed {out!r} and {err}")
     assert "wrote after ctrl-c" in out, err
     assert parent.returncode == 0 and wait_gone(server_pid)
 
