@@ -122,6 +122,9 @@ PARENT = textwrap.dedent("""
     from pymongo import MongoClient
     from crm_states.testing.mongo import MongoServer
     faulthandler.dump_traceback_later(50)  # a hang shows where every thread was, before the test gives up
+    # Ctrl-C handled as a program run from a terminal handles it: a suite started in the background (`cmd &`
+    # from a script) runs with SIGINT ignored, which every child inherits, and this parent would sleep on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = MongoServer(sys.argv[1], kind=sys.argv[2]).start()
     try:
         print(server.process.pid, server.port, flush=True)  # inside: the Ctrl-C may come right after it
