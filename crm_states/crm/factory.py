@@ -103,7 +103,7 @@ class LazyCrm:
     def api_requests(self) -> int:
         """The requests the CRM has sent: none while it was never built (a command that asked it nothing
         must not need one configured just to count)."""
-        return requests_sent(self._crm) if self._crm is not None else 0
+        return requests_sent(self._crm)  # None, never built: 0
 
     def _note(self, exc: CrmConfigError) -> None:
         if self.refusal is None:
